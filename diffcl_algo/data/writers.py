@@ -1,0 +1,89 @@
+"""Atomic writers for prepared datasets: a temp file in the target folder, then ``os.replace``.
+
+An interrupted run therefore never leaves a half-written case file or list under its final name (MONAI's
+``SaveImage`` writes in place and has no h5 writer).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import h5py
+import numpy as np
+from monai.config import PathLike
+
+from diffcl_algo.data.io import DataError, read_case_list
+
+__all__ = ["write_h5", "write_text", "write_lists", "check_overwrite"]
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_h5(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> None:
+    """Write ``arrays`` as gzip-compressed h5 datasets (the field's format) plus file ``attrs``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, array in arrays.items():
+                f.create_dataset(name, data=array, compression="gzip")
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
+    """Raise ``DataError`` naming the outputs that already exist, unless ``overwrite``."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        shown = "\n  ".join(existing[:10]) + ("\n  ..." if len(existing) > 10 else "")
+        raise DataError(
+            f"{len(existing)} output file(s) already exist, refusing to overwrite (pass --overwrite):\n  {shown}"
+        )
+
+
+def write_lists(
+    dst: Path, splits_dir: PathLike | None, list_names: Sequence[str], prepared: Sequence[str], all_name: str
+) -> list[str]:
+    """Copy the split lists ``list_names`` from ``splits_dir`` into ``dst``, else write ``all_name`` (every case).
+
+    Lists are copied verbatim (the field's splits); listed cases that were not prepared give a warning.
+
+    Returns:
+        The list file names written.
+
+    Raises:
+        DataError: a list file is missing from ``splits_dir``.
+    """
+    if splits_dir is None:
+        write_text(dst / all_name, "".join(f"{c}\n" for c in prepared))
+        return [all_name]
+    done = set(prepared)
+    for name in list_names:
+        cases = read_case_list(Path(splits_dir) / name)
+        missing = [c for c in cases if c not in done]
+        if missing:
+            warnings.warn(
+                f"{Path(splits_dir) / name}: {len(missing)} listed cases were not prepared, e.g. {missing[:3]}",
+                stacklevel=2,
+            )
+        write_text(dst / name, "".join(f"{c}\n" for c in cases))
+    return list(list_names)

@@ -1,0 +1,554 @@
+"""Diff-CL training engine (Algorithm 1) and its deterministic, exactly resumable data flow.
+
+* ``DiffCLTrainer``: a ``monai.engines.Trainer`` whose iteration is Algorithm 1 (eq. 5-9, 11-22); it fires the
+  standard ignite / MONAI events, so stock MONAI handlers (StatsHandler, TensorBoardStatsHandler,
+  ValidationHandler, LrScheduleHandler, CheckpointSaver) attach to it.
+* ``IterationBatchDataset`` + ``IterationSampler``: item ``i`` of the dataset is the *whole* (per-rank) batch of
+  global iteration ``i``; the sampler yields ``range(start_iteration, max_iterations)``. Case indices come from
+  per-pass permutations seeded by ``(seed, stream, pass)`` and each sample's augmentation is re-seeded from
+  ``(seed, iteration, slot)``, so any batch is a pure function of ``(seed, iteration)``.
+
+Every other random choice of an iteration (timesteps, noise, memory-bank sampling, unlabeled-feature sampling,
+dropout) is drawn from generators seeded by ``(seed, iteration, rank)``. Resuming therefore needs only the
+iteration counter plus the model / optimizer / memory-bank state (``train_state()`` / ``load_train_state()``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ignite.engine import Engine
+from monai.data import MetaTensor
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.transforms import Randomizable
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from diffcl_algo.checkpoint import unwrap
+from diffcl_algo.diffusion import GaussianDiffusion
+from diffcl_algo.losses import ContrastiveLabelPropagationLoss, DiceCELoss
+from diffcl_algo.memory_bank import ClassMemoryBank, all_gather_variable
+from diffcl_algo.schedules import continuous_epoch, gaussian_ramp, poly_lr, resolve_hyperparams
+
+__all__ = [
+    "LOSS_KEYS",
+    "derive_seed",
+    "IterationBatchDataset",
+    "IterationSampler",
+    "make_iteration_loader",
+    "DiffCLTrainer",
+]
+
+#: Keys of the engine output (``engine.state.output``), each a Python float.
+LOSS_KEYS = (
+    "loss_sup_cs",
+    "loss_sup_ds",
+    "loss_cps_cs",
+    "loss_cps_ds",
+    "loss_cl",
+    "ramp",
+    "loss_cs",
+    "loss_ds",
+    "loss",
+)
+
+# stream ids of derive_seed, so different uses of the same (seed, iteration) never share a random state
+_LABELED_STREAM, _UNLABELED_STREAM, _AUGMENT, _GLOBAL_RNG, _GENERATOR = range(5)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that is a pure function of non-negative integer ``keys`` (``numpy.random.SeedSequence``)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint32)[0])
+
+
+class IterationBatchDataset(Dataset):
+    """Item ``i`` = this rank's batch of global iteration ``i`` (labeled + unlabeled), deterministic in ``seed``.
+
+    Case order: the labeled (unlabeled) cases form an endless stream, the concatenation of per-pass random
+    permutations, pass ``k`` permuted by ``derive_seed(seed, stream, k)``. Global iteration ``i`` consumes stream
+    positions ``[i * b * W, (i + 1) * b * W)`` (``b`` = per-rank batch size, ``W`` = world size) and rank ``r``
+    takes the slice ``[r * b, (r + 1) * b)`` of them. Every pass visits every case once; batches are always full.
+
+    Augmentation: before transforming sample ``slot`` (global position in the iteration's batch) the
+    transform's random state is reset with ``set_random_state(derive_seed(seed, 2, i, slot))`` (MONAI
+    ``Randomizable``; ``Compose`` propagates it), so a sample's augmentation does not depend on the worker,
+    on the order of ``__getitem__`` calls, or on previous iterations.
+
+    Args:
+        labeled: datalist of labeled cases (``{"image": ..., "label": ...}``).
+        unlabeled: datalist of unlabeled cases (``{"image": ...}``).
+        labeled_transform: transform of a labeled item -> ``{"image": (C, *patch), "label": (1, *patch)}``.
+        unlabeled_transform: transform of an unlabeled item -> ``{"image": (C, *patch)}``; default
+            ``labeled_transform``.
+        labeled_batch_size: labeled cases per iteration per rank (paper: 2).
+        unlabeled_batch_size: unlabeled cases per iteration per rank (paper: 2).
+        seed: base seed.
+        max_iterations: ``len()`` of the dataset (the sampler decides what is read).
+        rank, world_size: data-parallel position; default from ``torch.distributed`` (0 / 1 when not initialised).
+
+    Returns (item):
+        ``{"image": (b_l + b_u, C, *patch) float, "label": (b_l, 1, *patch) float, "iteration": i}``, labeled
+        images first.
+    """
+
+    def __init__(
+        self,
+        labeled: Sequence[Mapping[str, Any]],
+        unlabeled: Sequence[Mapping[str, Any]],
+        labeled_transform: Callable[[dict], Any],
+        unlabeled_transform: Optional[Callable[[dict], Any]] = None,
+        labeled_batch_size: int = 2,
+        unlabeled_batch_size: int = 2,
+        seed: int = 0,
+        max_iterations: int = 1,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> None:
+        if not labeled or not unlabeled:
+            raise ValueError(f"Need labeled and unlabeled cases, got {len(labeled)} and {len(unlabeled)}.")
+        self.labeled = list(labeled)
+        self.unlabeled = list(unlabeled)
+        self.labeled_transform = labeled_transform
+        self.unlabeled_transform = unlabeled_transform if unlabeled_transform is not None else labeled_transform
+        self.labeled_batch_size = int(labeled_batch_size)
+        self.unlabeled_batch_size = int(unlabeled_batch_size)
+        self.seed = int(seed)
+        self.max_iterations = int(max_iterations)
+        default_rank, default_world = _rank_world()
+        self.rank = default_rank if rank is None else int(rank)
+        self.world_size = default_world if world_size is None else int(world_size)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.max_iterations
+
+    def _stream(self, stream: int, num_cases: int, batch: int, iteration: int) -> list[int]:
+        start = (iteration * self.world_size + self.rank) * batch
+        out = []
+        for pos in range(start, start + batch):
+            key = (stream, pos // num_cases)
+            if key not in self._perms:
+                if len(self._perms) > 64:
+                    self._perms.clear()
+                self._perms[key] = np.random.default_rng(derive_seed(self.seed, stream, key[1])).permutation(num_cases)
+            out.append(int(self._perms[key][pos % num_cases]))
+        return out
+
+    def case_indices(self, iteration: int) -> tuple[list[int], list[int]]:
+        """``(labeled, unlabeled)`` case indices of this rank's batch at global ``iteration``."""
+        lab = self._stream(_LABELED_STREAM, len(self.labeled), self.labeled_batch_size, iteration)
+        unl = self._stream(_UNLABELED_STREAM, len(self.unlabeled), self.unlabeled_batch_size, iteration)
+        return lab, unl
+
+    def _apply(self, transform: Callable[[dict], Any], item: Mapping[str, Any], iteration: int, slot: int) -> dict:
+        if isinstance(transform, Randomizable):
+            transform.set_random_state(seed=derive_seed(self.seed, _AUGMENT, iteration, slot))
+        out = transform(dict(item))
+        if isinstance(out, (list, tuple)):  # transforms producing several samples: keep the first
+            out = out[0]
+        return out
+
+    def __getitem__(self, iteration: int) -> dict[str, Any]:
+        iteration = int(iteration)
+        lab, unl = self.case_indices(iteration)
+        bl, bu = self.labeled_batch_size, self.unlabeled_batch_size
+        images, labels = [], []
+        for k, j in enumerate(lab):
+            out = self._apply(self.labeled_transform, self.labeled[j], iteration, self.rank * bl + k)
+            images.append(_plain(out["image"]))
+            labels.append(_plain(out["label"]))
+        offset = bl * self.world_size
+        for k, j in enumerate(unl):
+            out = self._apply(self.unlabeled_transform, self.unlabeled[j], iteration, offset + self.rank * bu + k)
+            images.append(_plain(out["image"]))
+        return {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "iteration": iteration}
+
+
+def _plain(x: Any) -> torch.Tensor:
+    x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    return x
+
+
+class IterationSampler(Sampler[int]):
+    """Yields global iteration numbers ``start .. stop - 1``; ``DiffCLTrainer.run`` sets ``start`` on resume."""
+
+    def __init__(self, start: int = 0, stop: int = 1) -> None:
+        self.start = int(start)
+        self.stop = int(stop)
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+def make_iteration_loader(
+    dataset: IterationBatchDataset, num_workers: int = 0, pin_memory: bool = False, start_iteration: int = 0
+) -> DataLoader:
+    """``DataLoader(dataset, sampler=IterationSampler(start, dataset.max_iterations), batch_size=None)``.
+
+    Args:
+        dataset: the per-iteration batch dataset.
+        num_workers: loader processes (each item is a whole batch, so workers prepare whole iterations).
+        pin_memory: pin batches (CUDA).
+        start_iteration: first iteration (``DiffCLTrainer.run`` moves it to the resumed iteration anyway).
+    """
+    return DataLoader(
+        dataset,
+        sampler=IterationSampler(start_iteration, dataset.max_iterations),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+class DiffCLTrainer(Trainer):
+    """Diff-CL semi-supervised trainer: Algorithm 1, one call of ``_iteration`` per line-2 loop step.
+
+    Per iteration ``i`` (0-based; ``engine.state.iteration = i + 1`` during it), with ``b_l`` labeled and
+    ``b_u`` unlabeled images in ``batch["image"]`` (labeled first) and labels ``batch["label"]``:
+
+    1. CS forward on all images -> logits ``P^`` and CS decoder features (Alg. 1 line 4).
+    2. ``Y^u = argmax P^u`` (detached); ``Y_0`` = one-hot ``y^l`` / one-hot ``Y^u`` (line 5).
+    3. ``t ~ U{1..T}``, ``Y_t = q_sample(Y_0, t, eps)`` (eq. 5, line 6); DS forward ``(x, Y_t, t)`` -> ``P~`` and
+       DS features (line 7).
+    4. ``L_s^c = D(P^l, y) + beta2 E`` (eq. 19), ``L_s^d = D(P~l, y) + beta1 E`` (eq. 18),
+       ``beta = beta_c * lambda(t)`` with ``lambda`` the Gaussian ramp of the continuous epoch ``i / epoch_length``.
+    5. ``L_p^c = D(P^u, argmax P~u) + lambda2 E`` (eq. 7), ``L_p^d = D(P~u, argmax P^u) + lambda1 E`` (eq. 6).
+    6. Memory bank: DS-head projections of labeled voxels that DS predicted correctly, at most
+       ``bank_samples_per_class`` random voxels per class (gathered across DDP ranks), are enqueued; then ``p``
+       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b``; ``L_cl`` (eq. 11-15).
+       The DS head gets no gradient: ``L_cl`` enters only the CS loss (eq. 17, 22) and the bank is detached.
+    7. ``L^d = L_s^d + mu1 L_p^d`` (eq. 16); ``L^c = L_s^c + mu2 (L_p^c + eta L_cl)`` (eq. 17, 22).
+    8. ``(L^c + L^d).backward()`` (the two losses share no parameters: pseudo-labels and ``Y_0`` are detached),
+       then the CS optimizer and the DS optimizer step (lines 14-15).
+
+    Ablation switches (paper Table 6): ``use_cps=False`` -> ``L_p^c = L_p^d = 0`` exactly and the unlabeled
+    images skip the DS (and, without ``use_cl``, the CS); ``use_cl=False`` -> no memory bank, ``L_cl = 0``;
+    HF-Mamba on/off is a property of the CS network (``hfm_stages``), chosen by the builder.
+
+    Output (``engine.state.output``): ``{key: float}`` for every key of ``LOSS_KEYS``; ``loss = loss_cs + loss_ds``.
+
+    Args:
+        device: training device.
+        max_iterations: total iterations (ignite ``max_iters``).
+        train_data_loader: yields ``IterationBatchDataset`` items; with an ``IterationSampler`` it is restarted
+            at the resumed iteration. Each batch's ``"iteration"`` must equal the engine's iteration.
+        cs_network: CS net, ``cs_network(x, return_features=True) -> (logits, features)`` (``VNet``).
+        ds_network: DS net, ``ds_network(x, y_t, t, return_features=True) -> (logits, features)``.
+        cs_optimizer: optimizer of the CS network and CS head.
+        ds_optimizer: optimizer of the DS network and DS head.
+        epoch_length: iterations per epoch (``schedules.epoch_length``: one pass over the unlabeled cases).
+        num_classes: classes incl. background.
+        cs_head, ds_head: projection heads (required with ``use_cl``).
+        memory_bank: ``ClassMemoryBank`` (required with ``use_cl``).
+        diffusion: ``GaussianDiffusion``; default ``GaussianDiffusion(1000, "cosine")``.
+        dataset, num_labeled: Table 2 row of the weights (None: ``schedules.DEFAULT_HYPERPARAMS``).
+        mu1, mu2, beta1_c, beta2_c, lambda1, lambda2, eta: overrides of the Table 2 values.
+        t_max, ramp_peak: Gaussian ramp ``lambda(t) = ramp_peak * exp(-5 (1 - t / t_max)^2)``.
+        use_cps, use_cl: ablation switches.
+        cl_tau, cl_top_k: temperature and ``k`` of eq. 12-14.
+        cl_num_anchors: ``p``, anchors per class sampled from the bank.
+        cl_num_unlabeled: ``q``, unlabeled CS features sampled per iteration.
+        cl_min_bank: classes with fewer bank entries are skipped (default ``cl_num_anchors``).
+        bank_samples_per_class: correctly predicted labeled voxels enqueued per class per iteration and rank.
+        dice_include_background, dice_batch: ``DiceCELoss`` options.
+        poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
+            uses 0.9), set each iteration from the iteration number (so it resumes exactly).
+        seed: base seed of every random choice.
+        amp: mixed precision on CUDA (``torch.autocast``); ignored with a warning on CPU.
+        amp_dtype: ``"bfloat16"`` or ``"float16"`` (the latter with a ``GradScaler``).
+        handlers: ignite handlers to attach.
+        non_blocking: non-blocking host-to-device copies.
+    """
+
+    def __init__(
+        self,
+        device: Union[str, torch.device],
+        max_iterations: int,
+        train_data_loader: Iterable,
+        cs_network: nn.Module,
+        ds_network: nn.Module,
+        cs_optimizer: torch.optim.Optimizer,
+        ds_optimizer: torch.optim.Optimizer,
+        epoch_length: int,
+        num_classes: int = 2,
+        cs_head: Optional[nn.Module] = None,
+        ds_head: Optional[nn.Module] = None,
+        memory_bank: Optional[ClassMemoryBank] = None,
+        diffusion: Optional[GaussianDiffusion] = None,
+        dataset: Optional[str] = None,
+        num_labeled: Optional[int] = None,
+        mu1: Optional[float] = None,
+        mu2: Optional[float] = None,
+        beta1_c: Optional[float] = None,
+        beta2_c: Optional[float] = None,
+        lambda1: Optional[float] = None,
+        lambda2: Optional[float] = None,
+        eta: Optional[float] = None,
+        t_max: float = 300.0,
+        ramp_peak: float = 2.0,
+        use_cps: bool = True,
+        use_cl: bool = True,
+        cl_tau: float = 0.1,
+        cl_top_k: int = 256,
+        cl_num_anchors: int = 64,
+        cl_num_unlabeled: int = 4096,
+        cl_min_bank: Optional[int] = None,
+        bank_samples_per_class: int = 256,
+        dice_include_background: bool = True,
+        dice_batch: bool = True,
+        poly_lr_power: Optional[float] = None,
+        seed: int = 0,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        handlers: Optional[Sequence] = None,
+        non_blocking: bool = False,
+    ) -> None:
+        if max_iterations < 1 or epoch_length < 1:
+            raise ValueError(f"max_iterations and epoch_length must be >= 1, got {max_iterations}, {epoch_length}.")
+        if use_cl and (cs_head is None or ds_head is None or memory_bank is None):
+            raise ValueError("use_cl=True needs cs_head, ds_head and memory_bank.")
+        super().__init__(
+            device=device,
+            max_epochs=math.ceil(max_iterations / epoch_length),
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            handlers=None,
+            amp=False,
+            decollate=False,
+        )
+        self.state.max_iters = int(max_iterations)
+        self.max_iterations = int(max_iterations)
+        self.cs_network = cs_network
+        self.ds_network = ds_network
+        self.cs_head = cs_head
+        self.ds_head = ds_head
+        self.cs_optimizer = cs_optimizer
+        self.ds_optimizer = ds_optimizer
+        self.memory_bank = memory_bank if use_cl else None
+        self.diffusion = diffusion if diffusion is not None else GaussianDiffusion()
+        self.num_classes = int(num_classes)
+        overrides = dict(mu1=mu1, mu2=mu2, beta1_c=beta1_c, beta2_c=beta2_c, lambda1=lambda1, lambda2=lambda2, eta=eta)
+        self.hparams = resolve_hyperparams(dataset, num_labeled, **overrides)
+        self.t_max = float(t_max)
+        self.ramp_peak = float(ramp_peak)
+        self.use_cps = bool(use_cps)
+        self.use_cl = bool(use_cl)
+        self.cl_loss = ContrastiveLabelPropagationLoss(tau=cl_tau, top_k=cl_top_k)
+        self.cl_num_anchors = int(cl_num_anchors)
+        self.cl_num_unlabeled = int(cl_num_unlabeled)
+        self.cl_min_bank = int(cl_num_anchors if cl_min_bank is None else cl_min_bank)
+        self.bank_samples_per_class = int(bank_samples_per_class)
+        self.dice_ce = DiceCELoss(include_background=dice_include_background, batch=dice_batch)
+        self.poly_lr_power = poly_lr_power
+        self.seed = int(seed)
+        for opt in (cs_optimizer, ds_optimizer):
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        self.amp_enabled = bool(amp) and self.state.device.type == "cuda"
+        if amp and not self.amp_enabled:
+            warnings.warn("amp=True is ignored: mixed precision is only used on CUDA devices.", stacklevel=2)
+        if amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {amp_dtype!r}.")
+        self.amp_dtype = torch.bfloat16 if amp_dtype == "bfloat16" else torch.float16
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.amp_enabled and self.amp_dtype == torch.float16 else None
+        )
+        if handlers is not None:
+            self._register_handlers(handlers)
+
+    # ------------------------------------------------------------------ running / resuming
+    def run(self) -> None:  # type: ignore[override]
+        """Run (or continue) training up to ``max_iterations``; the data sampler restarts at the current iteration."""
+        if self.state.iteration >= self.max_iterations:
+            self.logger.info(f"Nothing to do: iteration {self.state.iteration} >= max_iterations.")
+            return
+        sampler = getattr(self.data_loader, "sampler", None)
+        if isinstance(sampler, IterationSampler):
+            sampler.start, sampler.stop = int(self.state.iteration), self.max_iterations
+        elif self.state.iteration > 0:
+            warnings.warn("train_data_loader has no IterationSampler: resumed data order is not exact.", stacklevel=2)
+        Engine.run(self, data=self.data_loader)
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rates ``{"lr_cs": ..., "lr_ds": ...}`` (first parameter group of each optimizer)."""
+        return {"lr_cs": self.cs_optimizer.param_groups[0]["lr"], "lr_ds": self.ds_optimizer.param_groups[0]["lr"]}
+
+    def train_state(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (tensors and primitive containers only)."""
+
+        def sd(m: Optional[nn.Module]) -> Optional[dict]:
+            return None if m is None else unwrap(m).state_dict()
+
+        return {
+            "cs_network": sd(self.cs_network),
+            "ds_network": sd(self.ds_network),
+            "cs_head": sd(self.cs_head),
+            "ds_head": sd(self.ds_head),
+            "cs_optimizer": self.cs_optimizer.state_dict(),
+            "ds_optimizer": self.ds_optimizer.state_dict(),
+            "memory_bank": sd(self.memory_bank),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "iteration": int(self.state.iteration),
+            "epoch": int(self.state.iteration // self.state.epoch_length),
+            "seed": self.seed,
+        }
+
+    def load_train_state(self, state: Mapping[str, Any]) -> None:
+        """Restore ``train_state()`` output; the next ``run()`` continues at ``state["iteration"]``."""
+        iteration = int(state["iteration"])
+        if iteration > self.max_iterations:
+            raise ValueError(f"Checkpoint iteration {iteration} exceeds max_iterations={self.max_iterations}.")
+        if int(state["seed"]) != self.seed:
+            warnings.warn(f"Resuming with the checkpoint's seed {int(state['seed'])}, not {self.seed}.", stacklevel=2)
+            self.seed = int(state["seed"])
+        for name in ("cs_network", "ds_network", "cs_head", "ds_head", "memory_bank"):
+            module = getattr(self, name)
+            if module is not None and state.get(name) is not None:
+                unwrap(module).load_state_dict(state[name])
+        self.cs_optimizer.load_state_dict(state["cs_optimizer"])
+        self.ds_optimizer.load_state_dict(state["ds_optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.state.iteration = iteration
+        self.state.epoch = iteration // self.state.epoch_length
+
+    # ------------------------------------------------------------------ one iteration (Algorithm 1)
+    def _autocast(self):
+        return torch.autocast(device_type=self.state.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled)
+
+    def _set_lr(self, iteration: int) -> None:
+        if self.poly_lr_power is None:
+            return
+        for opt in (self.cs_optimizer, self.ds_optimizer):
+            for group in opt.param_groups:
+                group["lr"] = poly_lr(group["initial_lr"], iteration, self.max_iterations, self.poly_lr_power)
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, float]:  # type: ignore[override]
+        i = int(engine.state.iteration) - 1
+        if "iteration" in batchdata and int(batchdata["iteration"]) != i:
+            raise RuntimeError(
+                f"Data loader out of sync: batch of iteration {int(batchdata['iteration'])} at engine iteration {i}."
+            )
+        device = engine.state.device
+        rank, _ = _rank_world()
+        torch.manual_seed(derive_seed(self.seed, _GLOBAL_RNG, i, rank))  # dropout and any other global-RNG use
+        gen = torch.Generator(device=device)
+        gen.manual_seed(derive_seed(self.seed, _GENERATOR, i, rank))
+        self._set_lr(i)
+
+        x = batchdata["image"].to(device, non_blocking=self.non_blocking).float()
+        y = batchdata["label"].to(device, non_blocking=self.non_blocking).long()
+        if y.ndim == x.ndim - 1:
+            y = y.unsqueeze(1)
+        nl = y.shape[0]
+        ramp = gaussian_ramp(continuous_epoch(i, engine.state.epoch_length), self.t_max, self.ramp_peak)
+        hp = self.hparams
+        beta1, beta2 = hp.beta1(ramp), hp.beta2(ramp)
+        x_cs = x if (self.use_cps or self.use_cl) else x[:nl]
+        x_ds = x if self.use_cps else x[:nl]
+        for m in (self.cs_network, self.ds_network, self.cs_head, self.ds_head):
+            if m is not None:
+                m.train()
+
+        with self._autocast():
+            cs_logits, cs_feat = self.cs_network(x_cs, return_features=True)  # Alg. 1 line 4
+            with torch.no_grad():
+                pseudo_cs = cs_logits[nl : x_ds.shape[0]].argmax(dim=1, keepdim=True)  # Y^u, line 5
+                y0 = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
+                t = self.diffusion.sample_timesteps(x_ds.shape[0], device, generator=gen)
+                noise = torch.randn(y0.shape, generator=gen, device=device)
+                y_t = self.diffusion.q_sample(y0, t, noise)  # eq. 5, line 6
+            ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True)  # line 7
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        zero = cs_logits.new_zeros((), dtype=torch.float32)
+        loss_sup_cs = self.dice_ce(cs_logits[:nl], y, beta2)  # eq. 19 (line 8)
+        loss_sup_ds = self.dice_ce(ds_logits[:nl], y, beta1)  # eq. 18 (line 9)
+        loss_cps_cs = loss_cps_ds = zero
+        if self.use_cps:
+            pseudo_ds = ds_logits[nl:].detach().argmax(dim=1, keepdim=True)  # Y~u
+            loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2)  # eq. 7 (line 10)
+            loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1)  # eq. 6 (line 11)
+        loss_cl = zero
+        if self.use_cl:
+            loss_cl = self._contrastive(ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen)  # eq. 15 (line 12)
+        loss_ds = loss_sup_ds + hp.mu1 * loss_cps_ds  # eq. 16
+        loss_cs = loss_sup_cs + hp.mu2 * (loss_cps_cs + hp.eta * loss_cl)  # eq. 17 with eq. 22 (line 13)
+        loss = loss_cs + loss_ds
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        self.cs_optimizer.zero_grad(set_to_none=True)
+        self.ds_optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.scaler.step(self.cs_optimizer)  # line 14
+            self.scaler.step(self.ds_optimizer)  # line 15
+            self.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.cs_optimizer.step()  # line 14
+            self.ds_optimizer.step()  # line 15
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+        values = (loss_sup_cs, loss_sup_ds, loss_cps_cs, loss_cps_ds, loss_cl, ramp, loss_cs, loss_ds, loss)
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in zip(LOSS_KEYS, values)}
+
+    def _contrastive(
+        self,
+        ds_logits_l: torch.Tensor,
+        ds_feat_l: torch.Tensor,
+        y: torch.Tensor,
+        cs_feat_u: torch.Tensor,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """Memory-bank update and ``L_cl`` (eq. 11-15) of one iteration.
+
+        Args:
+            ds_logits_l: (b_l, C, *S) DS logits of the labeled images.
+            ds_feat_l: (b_l, F, *S) DS decoder features of the labeled images.
+            y: (b_l, 1, *S) labels.
+            cs_feat_u: (b_u, F, *S) CS decoder features of the unlabeled images.
+            gen: this iteration's generator.
+        """
+        bank = self.memory_bank
+        with torch.no_grad():  # the bank is detached: the DS head gets no gradient
+            with self._autocast():
+                ds_proj = self.ds_head(ds_feat_l)
+            feats = ds_proj.float().movedim(1, -1).reshape(-1, ds_proj.shape[1])
+            labels = y.reshape(-1)
+            correct = ds_logits_l.argmax(dim=1).reshape(-1) == labels
+            chosen = []
+            for c in range(self.num_classes):
+                idx = torch.nonzero(correct & (labels == c)).flatten()
+                if idx.numel() > self.bank_samples_per_class:
+                    idx = idx[torch.randperm(idx.numel(), generator=gen, device=idx.device)]
+                    idx = idx[: self.bank_samples_per_class]
+                chosen.append(idx)
+            idx = torch.cat(chosen)
+            bank.enqueue(all_gather_variable(feats[idx]), all_gather_variable(labels[idx]))
+            anchors = bank.sample(self.cl_num_anchors, generator=gen, min_count=self.cl_min_bank)
+        with self._autocast():
+            cs_proj = self.cs_head(cs_feat_u)
+        b = cs_proj.float().movedim(1, -1).reshape(-1, cs_proj.shape[1])
+        pick = torch.randperm(b.shape[0], generator=gen, device=b.device)[: self.cl_num_unlabeled]
+        return self.cl_loss(anchors, b[pick])

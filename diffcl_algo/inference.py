@@ -1,0 +1,137 @@
+"""CS-only sliding-window inference with the field's window placement (Algorithm 1 output: the CS network).
+
+The field's ``test_single_case`` (UA-MT / SSL4MIS) pads a volume smaller than the patch symmetrically with
+zeros (``pad // 2`` before, the rest after), places windows at ``min(i * stride, size - patch)`` for
+``i = 0 .. ceil((size - patch) / stride)`` (so the last window is flush with the border), sums the softmax
+probabilities of all windows, divides by the per-voxel window count and crops the padding away.
+
+MONAI's ``SlidingWindowInferer`` does exactly that when
+
+* ``mode="constant"`` (uniform weights = average of the window outputs), zero ``constant`` padding, and
+* its scan interval ``int(roi * (1 - overlap))`` equals the stride: ``stride_to_overlap`` returns
+  ``overlap = 1 - (stride + 0.5) / roi`` so that ``roi * (1 - overlap) = stride + 0.5`` whatever the
+  floating-point rounding, ``int(.) = stride``; ``stride == roi`` gives overlap 0.
+
+MONAI's window starts are ``min(i * interval, size - roi)`` for ``i`` up to the first window reaching the border,
+the same positions. The network output is passed through softmax before averaging (``softmax=True``), so
+probabilities, not logits, are averaged as in the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from torch import nn
+
+__all__ = ["stride_to_overlap", "DiffCLSlidingWindowInferer", "predict_volume"]
+
+
+def stride_to_overlap(patch_size: Sequence[int], strides: Union[Sequence[int], int]) -> tuple[float, ...]:
+    """Per-dimension MONAI ``overlap`` whose scan interval ``int(roi * (1 - overlap))`` equals ``stride``.
+
+    Args:
+        patch_size: window size per spatial dimension.
+        strides: window stride per dimension (an int applies to all); ``1 <= stride <= patch``.
+
+    Raises:
+        ValueError: a stride outside ``[1, patch]`` (the field's windows would leave gaps).
+    """
+    patch = [int(p) for p in patch_size]
+    stride = [int(strides)] * len(patch) if isinstance(strides, (int, np.integer)) else [int(s) for s in strides]
+    if len(stride) != len(patch):
+        raise ValueError(f"strides {stride} and patch_size {patch} differ in length.")
+    overlaps = []
+    for p, s in zip(patch, stride):
+        if not 1 <= s <= p:
+            raise ValueError(f"Each stride must be in [1, patch], got stride {s} for patch {p}.")
+        overlaps.append(0.0 if s == p else 1.0 - (s + 0.5) / p)
+    return tuple(overlaps)
+
+
+class _Softmax(nn.Module):
+    def __init__(self, network: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.softmax(self.network(x, *args, **kwargs).float(), dim=1)
+
+
+class DiffCLSlidingWindowInferer(SlidingWindowInferer):
+    """``SlidingWindowInferer`` with the paper's patch and stride, averaging softmax probabilities.
+
+    Usable anywhere MONAI expects an inferer (``SupervisedEvaluator(inferer=...)``, bundle configs).
+
+    Args:
+        patch_size: window size (LA 112x112x80, Pancreas/BraTS 96^3).
+        strides: window stride (LA 18x18x4, Pancreas 16^3, BraTS 64^3); converted by ``stride_to_overlap``.
+        sw_batch_size: windows per forward pass.
+        softmax: apply softmax to the network output before averaging (True: the field's convention; the
+            result is then class probabilities).
+        device, sw_device: see ``monai.inferers.SlidingWindowInferer``.
+    """
+
+    def __init__(
+        self,
+        patch_size: Sequence[int],
+        strides: Union[Sequence[int], int],
+        sw_batch_size: int = 1,
+        softmax: bool = True,
+        device: Union[torch.device, str, None] = None,
+        sw_device: Union[torch.device, str, None] = None,
+    ) -> None:
+        super().__init__(
+            roi_size=tuple(int(p) for p in patch_size),
+            sw_batch_size=sw_batch_size,
+            overlap=stride_to_overlap(patch_size, strides),
+            mode="constant",
+            padding_mode="constant",
+            cval=0.0,
+            sw_device=sw_device,
+            device=device,
+        )
+        self.softmax = softmax
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``network`` over windows of ``inputs`` (B, C_in, *S) -> (B, C_out, *S) averaged outputs."""
+        predictor = _Softmax(network) if self.softmax else network
+        return super().__call__(inputs, predictor, *args, **kwargs)
+
+
+@torch.no_grad()
+def predict_volume(
+    net: nn.Module,
+    image: Union[torch.Tensor, np.ndarray],
+    patch_size: Sequence[int],
+    strides: Union[Sequence[int], int],
+    sw_batch_size: int = 1,
+    device: Union[torch.device, str, None] = None,
+    return_label: bool = False,
+) -> torch.Tensor:
+    """CS-only sliding-window prediction of whole volumes (the field's ``test_single_case``).
+
+    Args:
+        net: the CS network (put in eval mode here); ``net(x)`` returns logits (B, C, *patch).
+        image: (C_in, *S) or (B, C_in, *S) volume(s); any size (padded when smaller than the patch).
+        patch_size: window size.
+        strides: window stride (int or per dimension).
+        sw_batch_size: windows per forward pass.
+        device: where the network runs (default: the network's device).
+        return_label: return the argmax label map instead of the probabilities.
+
+    Returns:
+        (B, C, *S) averaged softmax probabilities (float32), or (B, 1, *S) long labels if ``return_label``.
+    """
+    x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).float()
+    if x.ndim == len(patch_size) + 1:
+        x = x[None]
+    if device is None:
+        device = next(net.parameters()).device
+    net.eval()
+    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size)
+    probs = inferer(x.to(device), net)
+    probs = torch.as_tensor(probs).float()
+    return probs.argmax(dim=1, keepdim=True) if return_label else probs

@@ -1,0 +1,197 @@
+"""Tests of diffcl_algo.engine / training: Algorithm 1 iteration, ablation switches, exact resume, data flow,
+TensorBoard tags, and a small overfit run (CPU, tiny synthetic volumes)."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+
+from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.data.transforms import train_transforms
+from diffcl_algo.engine import LOSS_KEYS, IterationBatchDataset
+from diffcl_algo.networks.hf_mamba import HFMamba
+from diffcl_algo.training import build_trainer, close_trainer, train
+
+PATCH = (32, 32, 16)
+SMALL = dict(
+    num_labeled=2,
+    patch_size=PATCH,
+    strides=(16, 16, 8),
+    n_filters=4,
+    device="cpu",
+    progress=False,
+    cl_num_anchors=16,
+    cl_num_unlabeled=512,
+    cl_top_k=32,
+    bank_samples_per_class=64,
+    head_dim=16,
+    val_interval=0,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return str(make_synthetic_dataset(root / "la", num_cases=6, shape=(36, 34, 20), seed=0, num_test=2))
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_one_iteration_all_terms(data_dir, tmp_path):
+    trainer = build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), eta=0.5, **SMALL)
+    before = {k: _params(getattr(trainer, k)) for k in ("cs_network", "ds_network", "cs_head")}
+    ds_head_before = _params(trainer.ds_head)
+    trainer.run()
+    close_trainer(trainer)
+    out = trainer.state.output
+    assert tuple(out) == LOSS_KEYS
+    assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
+    assert all(out[k] > 0 for k in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds", "loss_cl"))
+    hp = trainer.hparams
+    assert hp.eta == 0.5
+    assert out["loss_ds"] == pytest.approx(out["loss_sup_ds"] + hp.mu1 * out["loss_cps_ds"], rel=1e-5)
+    expected_cs = out["loss_sup_cs"] + hp.mu2 * (out["loss_cps_cs"] + hp.eta * out["loss_cl"])
+    assert out["loss_cs"] == pytest.approx(expected_cs, rel=1e-5)
+    assert out["loss"] == pytest.approx(out["loss_cs"] + out["loss_ds"], rel=1e-5)
+    assert out["ramp"] == pytest.approx(2.0 * np.exp(-5.0))  # epoch 0
+    for name, params in before.items():
+        assert _changed(params, getattr(trainer, name)), f"{name} was not updated"
+    assert not _changed(ds_head_before, trainer.ds_head)  # L_cl reaches only the CS side (eq. 17, 22)
+    assert int(trainer.memory_bank.count.sum()) > 0
+    assert any(isinstance(m, HFMamba) for m in trainer.cs_network.modules())
+
+
+@pytest.mark.parametrize(
+    "use_cps,use_hfm,use_cl",
+    [(False, False, False), (True, False, False), (True, True, False), (False, False, True)],
+    ids=["supervised", "+cps", "+cps+hfm", "sup+cl"],
+)
+def test_ablation_switches(data_dir, tmp_path, use_cps, use_hfm, use_cl):
+    trainer = build_trainer(
+        data_dir, max_iterations=1, output_dir=str(tmp_path), use_cps=use_cps, use_hfm=use_hfm, use_cl=use_cl, **SMALL
+    )
+    cs_before, ds_before = _params(trainer.cs_network), _params(trainer.ds_network)
+    trainer.run()
+    close_trainer(trainer)
+    out = trainer.state.output
+    assert all(np.isfinite(v) for v in out.values())
+    assert out["loss_sup_cs"] > 0 and out["loss_sup_ds"] > 0
+    assert (out["loss_cps_cs"] == 0.0 and out["loss_cps_ds"] == 0.0) == (not use_cps)
+    assert (out["loss_cl"] == 0.0) == (not use_cl)
+    assert (trainer.memory_bank is None) == (not use_cl)
+    assert any(isinstance(m, HFMamba) for m in trainer.cs_network.modules()) == use_hfm
+    assert _changed(cs_before, trainer.cs_network) and _changed(ds_before, trainer.ds_network)
+
+
+def _full_state(trainer):
+    state = trainer.train_state()
+    flat = {}
+    for key in ("cs_network", "ds_network", "cs_head", "ds_head", "memory_bank"):
+        flat.update({f"{key}.{k}": v for k, v in state[key].items()})
+    for key in ("cs_optimizer", "ds_optimizer"):
+        for pid, s in state[key]["state"].items():
+            flat[f"{key}.{pid}"] = s["momentum_buffer"]
+        flat[f"{key}.lr"] = torch.tensor(state[key]["param_groups"][0]["lr"])
+    return flat
+
+
+@pytest.mark.slow
+def test_resume_is_exact(data_dir, tmp_path):
+    n = 4
+    common = dict(SMALL, max_iterations=n, poly_lr_power=0.9, ckpt_interval=n // 2, seed=3)
+    straight = build_trainer(data_dir, output_dir=str(tmp_path / "straight"), num_workers=2, **common)
+    straight.run()
+    close_trainer(straight)
+
+    first = build_trainer(data_dir, output_dir=str(tmp_path / "resumed"), **common)
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=n // 2), lambda e: e.terminate())  # "crash"
+    first.run()
+    close_trainer(first)
+    assert first.state.iteration == n // 2
+    second = build_trainer(data_dir, output_dir=str(tmp_path / "resumed"), resume_from=True, **common)
+    assert second.state.iteration == n // 2
+    second.run()
+    close_trainer(second)
+    assert second.state.iteration == n
+    assert second.state.output == straight.state.output
+    a, b = _full_state(straight), _full_state(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_missing_file_names_path(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+        build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), resume_from=True, **SMALL)
+
+
+def test_iteration_dataset_is_deterministic_and_sharded(data_dir):
+    from diffcl_algo.data.io import build_datalists
+
+    labeled, unlabeled = build_datalists(data_dir, num_labeled=2)
+    unlabeled = unlabeled * 3  # 6 unlabeled cases
+    tl, tu = train_transforms(PATCH), train_transforms(PATCH, labeled=False)
+    single = IterationBatchDataset(labeled, unlabeled, tl, tu, 2, 2, seed=5, max_iterations=10)
+    a, b = single[3], single[1]
+    assert torch.equal(single[3]["image"], a["image"]) and torch.equal(single[1]["label"], b["label"])
+    # every pass over the unlabeled cases visits each case once
+    seen = [j for i in range(3) for j in single.case_indices(i)[1]]
+    assert sorted(seen) == list(range(6))
+    # two ranks with half the batch each reproduce the single-process batch exactly
+    ranks = [IterationBatchDataset(labeled, unlabeled, tl, tu, 1, 1, 5, 10, rank=r, world_size=2) for r in (0, 1)]
+    for i in (0, 4):
+        full, parts = single[i], [r[i] for r in ranks]
+        assert torch.equal(full["label"], torch.cat([p["label"] for p in parts]))
+        assert torch.equal(full["image"][:2], torch.cat([p["image"][:1] for p in parts]))
+        assert torch.equal(full["image"][2:], torch.cat([p["image"][1:] for p in parts]))
+
+
+def test_tensorboard_tags_and_log(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = train(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path), **dict(SMALL, val_interval=2))
+    assert summary["iteration"] == 2 and summary["best_metric"] is not None
+    events = EventAccumulator(glob.glob(str(tmp_path / "events.out.tfevents.*"))[0])
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = set(LOSS_KEYS) | {"lr_cs", "lr_ds", "val_mean_dice", "val_jaccard", "val_hd95", "val_asd"}
+    assert expected <= tags
+    log = (tmp_path / "train.log").read_text()
+    assert "loss_cl" in log and "val_mean_dice" in log
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "train_state.pt").is_file()
+    cs = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert any(k.startswith("block_one") for k in cs)  # CS state_dict alone
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["config"]["n_filters"] == 4
+
+
+@pytest.mark.slow
+def test_overfit_tiny_set(tmp_path):
+    from diffcl_algo.data.io import build_datalists
+    from diffcl_algo.data.transforms import val_transforms
+    from diffcl_algo.inference import predict_volume
+    from diffcl_algo.metrics import case_metrics
+
+    data = str(make_synthetic_dataset(tmp_path / "la", num_cases=5, shape=(32, 32, 16), seed=1, num_test=1))
+    trainer = build_trainer(
+        data, output_dir=str(tmp_path / "out"), **dict(SMALL, n_filters=8, max_iterations=60, lr=0.05, t_max=5)
+    )
+    trainer.run()
+    close_trainer(trainer)
+    labeled, _ = build_datalists(data, num_labeled=2)
+    dice = []
+    for case in labeled:
+        item = val_transforms()(dict(case))
+        pred = predict_volume(trainer.cs_network, item["image"], PATCH, (16, 16, 8), return_label=True)
+        dice.append(case_metrics(pred[0, 0].numpy(), item["label"][0].numpy())["dice"])
+    assert np.mean(dice) > 0.9, dice

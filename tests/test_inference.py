@@ -1,0 +1,97 @@
+"""Tests of diffcl_algo.inference: field window placement, softmax averaging, padding."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffcl_algo.inference import DiffCLSlidingWindowInferer, predict_volume, stride_to_overlap
+
+
+def _field_windows(size, patch, stride):
+    """Window starts of the field's test_single_case (UA-MT / SSL4MIS), in the padded frame."""
+    padded = [max(s, p) for s, p in zip(size, patch)]
+    starts = []
+    for s, p, st in zip(padded, patch, stride):
+        n = math.ceil((s - p) / st) + 1
+        starts.append([min(st * i, s - p) for i in range(n)])
+    return set(itertools.product(*starts))
+
+
+def _field_predict(net, image, patch, stride, num_classes):
+    """numpy transcription of the field's test_single_case (pad, windows, softmax sum / count, crop)."""
+    pads = [max(p - s, 0) for s, p in zip(image.shape, patch)]
+    lo = [p // 2 for p in pads]
+    img = np.pad(image, [(a, p - a) for a, p in zip(lo, pads)], mode="constant", constant_values=0)
+    ww, hh, dd = img.shape
+    score = np.zeros((num_classes,) + img.shape, np.float32)
+    cnt = np.zeros(img.shape, np.float32)
+    sx, sy, sz = (math.ceil((s - p) / st) + 1 for s, p, st in zip(img.shape, patch, stride))
+    for x, y, z in itertools.product(range(sx), range(sy), range(sz)):
+        xs, ys, zs = (min(st * i, s - p) for st, i, s, p in zip(stride, (x, y, z), (ww, hh, dd), patch))
+        sl = (slice(xs, xs + patch[0]), slice(ys, ys + patch[1]), slice(zs, zs + patch[2]))
+        with torch.no_grad():
+            out = torch.softmax(net(torch.from_numpy(img[sl][None, None].copy())), 1)[0].numpy()
+        score[(slice(None),) + sl] += out
+        cnt[sl] += 1
+    score /= cnt[None]
+    crop = tuple(slice(a, a + s) for a, s in zip(lo, image.shape))
+    return score[(slice(None),) + crop]
+
+
+CASES = [
+    ((30, 27, 20), (16, 16, 8), (5, 3, 2)),
+    ((149, 117, 93), (112, 112, 80), (18, 18, 4)),  # LA patch / stride, last window flush with the border
+    ((10, 40, 9), (16, 16, 16), (16, 7, 3)),  # smaller than the patch on two axes: padded
+    ((200, 150, 97), (96, 96, 96), (64, 64, 64)),  # BraTS stride
+]
+
+
+@pytest.mark.parametrize("size,patch,stride", CASES)
+def test_window_positions_match_field(size, patch, stride):
+    pads = [max(p - s, 0) // 2 for s, p in zip(size, patch)]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in size], indexing="ij"))
+    image = (grid + 1000.0)[None]  # channel c holds the coordinate along axis c (+1000; padding is 0)
+    seen = set()
+
+    def record(x):
+        for b in range(x.shape[0]):
+            start = []
+            for d in range(3):
+                v = x[b, d]
+                first = torch.nonzero(v)[0]
+                start.append(int(v[tuple(first)].item() - 1000 - first[d].item() + pads[d]))
+            seen.add(tuple(start))
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    out = DiffCLSlidingWindowInferer(patch, stride, sw_batch_size=3)(image, record)
+    assert out.shape == (1, 2, *size)
+    assert seen == _field_windows(size, patch, stride)
+
+
+def test_predict_volume_equals_field_average():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
+    image = np.random.default_rng(0).standard_normal((21, 13, 18)).astype(np.float32)
+    patch, stride = (16, 16, 8), (4, 3, 5)
+    expected = _field_predict(net, image, patch, stride, 2)
+    probs = predict_volume(net, image[None], patch, stride, sw_batch_size=4)
+    assert probs.shape == (1, 2, 21, 13, 18)
+    np.testing.assert_allclose(probs[0].numpy(), expected, atol=1e-5)
+    labels = predict_volume(net, image[None], patch, stride, return_label=True)
+    assert torch.equal(labels[0, 0], torch.from_numpy(expected.argmax(0)))
+
+
+def test_stride_to_overlap():
+    for roi in (16, 80, 96, 112):
+        for s in range(1, roi + 1):
+            (o,) = stride_to_overlap([roi], [s])
+            assert 0 <= o < 1 and int(roi * (1 - o)) == s
+    assert stride_to_overlap((112, 112, 80), 18) == stride_to_overlap((112, 112, 80), (18, 18, 18))
+    with pytest.raises(ValueError):
+        stride_to_overlap((16,), (17,))
