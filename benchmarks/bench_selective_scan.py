@@ -1,6 +1,6 @@
 """CPU benchmark of the portable selective scan against the sequential reference (run by hand, not a test).
 
-    python benchmarks/bench_selective_scan.py [--threads N] [--repeats R]
+    PYTHONPATH=. python benchmarks/bench_selective_scan.py [--threads N] [--repeats R]   # from the repo root
 
 Prints, for batch 1, N = 16 and L in {1024, 4096}, dim in {64, 256}: seconds for the forward pass and for
 forward + backward (best of ``repeats``), the speed-up over the sequential loop of eq. 4, and the largest

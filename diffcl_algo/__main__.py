@@ -14,6 +14,7 @@ import fire
 # command name -> "module:function"
 COMMANDS = {
     "prepare": "diffcl_algo.data.prepare:prepare",
+    "report": "diffcl_algo.report:report",
 }
 
 

@@ -53,16 +53,25 @@ class _SelectiveScanCore(torch.autograd.Function):
     """Chunked selective scan ``h_l = exp(delta_l A) h_{l-1} + delta_u_l B_l``, ``y_l = sum_N C_l h_l``.
 
     Inputs (compute dtype): ``delta``, ``delta_u`` (T, nc, batch, dim); ``A`` (dim, N); ``B``, ``C`` of shape
-    (T or 1, nc or 1, batch or 1, dim or 1, N), broadcastable to ``h``. Step ``l = c * T + t`` is at ``[t, c]``.
-    Outputs: ``y`` (T, nc, batch, dim) and the states ``h`` (T, nc, batch, dim, N), not differentiable.
+    (T or 1, nc or 1, batch or 1, dim or 1, N), broadcastable to ``h``. Step ``l = c * T + t`` is at ``[t, c]``;
+    ``last`` = (t, c) of the final real step. ``keep_states``: store all states for the backward pass (otherwise
+    only one slab of states is alive at a time). Outputs: ``y`` (T, nc, batch, dim) and the final state
+    (batch, dim, N), not differentiable.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, delta: torch.Tensor, A: torch.Tensor, delta_u: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+        ctx: Any,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        delta_u: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        last: tuple[int, int],
+        keep_states: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n_steps, n_chunks = delta.shape[:2]
-        h = delta.new_empty(*delta.shape, A.shape[1])
+        h = delta.new_empty(*delta.shape, A.shape[1]) if keep_states else None
         y = torch.empty_like(delta)
 
         def decay(t: int) -> torch.Tensor:
@@ -80,20 +89,24 @@ class _SelectiveScanCore(torch.autograd.Function):
             carry = torch.zeros_like(local)
             for c in range(1, n_chunks):
                 torch.addcmul(local[c - 1], chunk_decay[c - 1], carry[c - 1], out=carry[c])
+        state = carry
         for t in range(n_steps):
-            prev = carry if t == 0 else h[t - 1]
-            if prev is None:
-                h[0].copy_(drive(0))
+            out = None if h is None else h[t]
+            if state is None:
+                state = drive(0) if out is None else out.copy_(drive(0))
             else:
-                torch.addcmul(drive(t), decay(t), prev, out=h[t])
-            torch.sum(h[t] * _at(C, t), dim=-1, out=y[t])
-        ctx.save_for_backward(delta, A, delta_u, B, C, h)
-        ctx.mark_non_differentiable(h)
-        return y, h
+                state = torch.addcmul(drive(t), decay(t), state, out=out)
+            torch.sum(state * _at(C, t), dim=-1, out=y[t])
+            if t == last[0]:
+                last_state = state[last[1]].clone()
+        if keep_states:
+            ctx.save_for_backward(delta, A, delta_u, B, C, h)
+        ctx.mark_non_differentiable(last_state)
+        return y, last_state
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_y: torch.Tensor, _grad_h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx: Any, grad_y: torch.Tensor, _grad_last: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         delta, A, delta_u, B, C, h = ctx.saved_tensors
         n_steps, n_chunks = delta.shape[:2]
         grad_y = grad_y.contiguous()
@@ -142,7 +155,7 @@ class _SelectiveScanCore(torch.autograd.Function):
             torch.sum(grad_w * A, dim=-1, out=grad_delta[t])
             grad_a_mat.add_((grad_w * delta[t].unsqueeze(-1)).sum((0, 1)))
             a_next = a_t
-        return grad_delta, grad_a_mat, grad_delta_u, grad_b, grad_c
+        return grad_delta, grad_a_mat, grad_delta_u, grad_b, grad_c, None, None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -257,14 +270,17 @@ def selective_scan(
             return to_chunks(t).unsqueeze(-2)
         return to_chunks(t).repeat_interleave(dim // t.shape[1], dim=-2)
 
-    y, h = _SelectiveScanCore.apply(to_chunks(delta), A.to(ct), to_chunks(delta * u), chunk_bc(B), chunk_bc(C))
+    operands = (to_chunks(delta), A.to(ct), to_chunks(delta * u), chunk_bc(B), chunk_bc(C))
+    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
+    last = ((length - 1) % steps, (length - 1) // steps)
+    y, last_state = _SelectiveScanCore.apply(*operands, last, keep_states)
     y = y.movedim((0, 1), (-1, -2)).reshape(batch, dim, n_chunks * steps)[..., :length]
     out = y if D is None else y + u * D.to(ct)[:, None]
     if z is not None:
         out = out * F.silu(z.to(ct))
     out = out.to(dtype_in)
     if return_last_state:
-        return out, h[(length - 1) % steps, (length - 1) // steps].clone()
+        return out, last_state
     return out
 
 
