@@ -56,7 +56,9 @@ def _best_time(fn: Callable[..., torch.Tensor], args: list[torch.Tensor], backwa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on a shared CPU; 0: torch's)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
     if opts.threads:

@@ -120,9 +120,12 @@ def test_scan_fp32_long_sequence() -> None:
 
 def test_scan_chunk_size_invariance() -> None:
     inputs = _inputs(2, 3, 4, 30)
-    outs = [selective_scan(**inputs, delta_softplus=True, chunk_size=c) for c in (1, 4, 7, 30, 64)]
-    for out in outs[1:]:
-        torch.testing.assert_close(out, outs[0], atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # also the path that keeps one slab of states only
+        out_ref, last_ref = selective_scan_reference(**inputs, delta_softplus=True, return_last_state=True)
+        for chunk_size in (1, 4, 7, 30, 64):
+            out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, chunk_size=chunk_size)
+            torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(last, last_ref, atol=1e-12, rtol=1e-12)
 
 
 def test_scan_stable_with_large_delta() -> None:

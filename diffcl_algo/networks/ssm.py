@@ -18,7 +18,8 @@ contiguous slab and one vectorised operation:
 3. a second pass over the ``T`` steps from those states writes every ``h_l`` and ``y_l = C_l h_l``.
 
 ``a_l``, ``x_l`` and ``C_l h_l`` are formed slab by slab (cache-sized temporaries), so the only full-size
-``(batch, dim, N, L)`` tensor is ``h`` itself, kept for the backward pass. Only decays ``<= 1`` are multiplied,
+``(batch, dim, N, L)`` tensor is ``h`` itself, kept for the backward pass (without autograd only one slab of
+states is alive). Only decays ``<= 1`` are multiplied,
 never ``exp`` of a positive cumulative sum, so large ``delta`` cannot overflow (decays underflow to 0). The
 backward pass runs the same two-level scheme in reverse on the adjoint ``lam_l = dL/dh_l + a_{l+1} lam_{l+1}``
 and accumulates the gradients of ``delta``, ``A``, ``delta * u``, ``B`` and ``C`` slab by slab; bias, softplus,
