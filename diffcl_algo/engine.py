@@ -232,7 +232,8 @@ class DiffCLTrainer(Trainer):
     5. ``L_p^c = D(P^u, argmax P~u) + lambda2 E`` (eq. 7), ``L_p^d = D(P~u, argmax P^u) + lambda1 E`` (eq. 6).
     6. Memory bank: DS-head projections of labeled voxels that DS predicted correctly, at most
        ``bank_samples_per_class`` random voxels per class (gathered across DDP ranks), are enqueued; then ``p``
-       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b``; ``L_cl`` (eq. 11-15).
+       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b`` (the voxel-wise head
+       is applied to the ``q`` sampled voxels only; its batch-norm statistics come from them); ``L_cl`` (eq. 11-15).
        The DS head gets no gradient: ``L_cl`` enters only the CS loss (eq. 17, 22) and the bank is detached.
     7. ``L^d = L_s^d + mu1 L_p^d`` (eq. 16); ``L^c = L_s^c + mu2 (L_p^c + eta L_cl)`` (eq. 17, 22).
     8. ``(L^c + L^d).backward()`` (the two losses share no parameters: pseudo-labels and ``Y_0`` are detached),
@@ -547,8 +548,11 @@ class DiffCLTrainer(Trainer):
             idx = torch.cat(chosen)
             bank.enqueue(all_gather_variable(feats[idx]), all_gather_variable(labels[idx]))
             anchors = bank.sample(self.cl_num_anchors, generator=gen, min_count=self.cl_min_bank)
+        # q random unlabeled voxels; the (voxel-wise, 1x1 conv) CS head runs on those voxels only, arranged as a
+        # (1, F, q, 1, 1) volume: same features, its batch-norm statistics estimated from the q sampled voxels
+        feats_u = cs_feat_u.movedim(1, -1).reshape(-1, cs_feat_u.shape[1])
+        pick = torch.randperm(feats_u.shape[0], generator=gen, device=feats_u.device)[: self.cl_num_unlabeled]
+        sampled = feats_u[pick].T.reshape((1, feats_u.shape[1], -1) + (1,) * (cs_feat_u.ndim - 3))
         with self._autocast():
-            cs_proj = self.cs_head(cs_feat_u)
-        b = cs_proj.float().movedim(1, -1).reshape(-1, cs_proj.shape[1])
-        pick = torch.randperm(b.shape[0], generator=gen, device=b.device)[: self.cl_num_unlabeled]
-        return self.cl_loss(anchors, b[pick])
+            b = self.cs_head(sampled)
+        return self.cl_loss(anchors, b.float().reshape(b.shape[1], -1).T)

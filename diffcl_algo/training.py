@@ -28,7 +28,8 @@ from monai.transforms import AsDiscreted, Compose
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, resume, unwrap
+from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, unwrap
+from diffcl_algo.checkpoint import resume as resume_from_file
 from diffcl_algo.data.io import LIST_NAMES, build_datalists, detect_layout
 from diffcl_algo.data.transforms import train_transforms, val_transforms
 from diffcl_algo.diffusion import GaussianDiffusion
@@ -132,7 +133,7 @@ def build_trainer(
     use_cl: bool = True,
     hfm_stages: Sequence[int] = (5,),
     seed: int = 0,
-    resume_from: Union[bool, str, None] = None,
+    resume: Union[bool, str, None] = None,
     device: str = "auto",
     labeled_batch_size: int = 2,
     unlabeled_batch_size: int = 2,
@@ -178,7 +179,7 @@ def build_trainer(
         use_cps, use_hfm, use_cl: ablation switches (Table 6).
         hfm_stages: CS encoder stages with HF-Mamba when ``use_hfm`` (default the deepest).
         seed: seed of initialisation and of every random choice of training.
-        resume_from: True -> ``output_dir/train_state.pt``; a path -> that file; None/False -> fresh start.
+        resume: True -> ``output_dir/train_state.pt``; a path -> that file; None/False -> fresh start.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         labeled_batch_size, unlabeled_batch_size: per-rank batch (paper 2 + 2).
         num_workers: data-loader processes.
@@ -278,6 +279,8 @@ def build_trainer(
         list_name = val_list or ("validation" if datalist is not None else LIST_NAMES.get(layout_name, ("", ""))[1])
         val_cases, _ = build_datalists(dataset_dir, datalist=datalist, list_name=list_name, layout=layout_name)
         val_cases = val_cases[rank::world]
+        if not val_cases:
+            raise ValueError(f"Rank {rank}/{world} gets no validation case of {list_name!r}: fewer cases than ranks.")
         val_loader = DataLoader(
             _ListDataset(val_cases, val_transforms(spacing=spacing)), batch_size=1, num_workers=num_workers
         )
@@ -325,9 +328,9 @@ def build_trainer(
         if progress:
             ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {k: o[k] for k in LOSS_KEYS})
 
-    if resume_from:
-        path = out / "train_state.pt" if resume_from is True else Path(resume_from)
-        resume(trainer, path, model_saver)
+    if resume:
+        path = out / "train_state.pt" if resume is True else Path(resume)
+        resume_from_file(trainer, path, model_saver)
     return trainer
 
 

@@ -118,7 +118,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     first.run()
     close_trainer(first)
     assert first.state.iteration == n // 2
-    second = build_trainer(data_dir, output_dir=str(tmp_path / "resumed"), resume_from=True, **common)
+    second = build_trainer(data_dir, output_dir=str(tmp_path / "resumed"), resume=True, **common)
     assert second.state.iteration == n // 2
     second.run()
     close_trainer(second)
@@ -132,7 +132,7 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 def test_resume_missing_file_names_path(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="train_state.pt"):
-        build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), resume_from=True, **SMALL)
+        build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), resume=True, **SMALL)
 
 
 def test_iteration_dataset_is_deterministic_and_sharded(data_dir):
@@ -197,3 +197,80 @@ def test_overfit_tiny_set(tmp_path):
         pred = predict_volume(trainer.cs_network, item["image"], PATCH, (16, 16, 8), return_label=True)
         dice.append(case_metrics(pred[0, 0].numpy(), item["label"][0].numpy())["dice"])
     assert np.mean(dice) > 0.9, dice
+
+
+def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
+    """The trainer builds from a plain (YAML-like) MONAI bundle config and drives stock MONAI handlers."""
+    from monai.bundle import ConfigParser
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        {"image": torch.randn(1, *PATCH, generator=gen), "label": (torch.rand(1, *PATCH, generator=gen) > 0.7).float()}
+        for _ in range(4)
+    ]
+    head = {"_target_": "diffcl_algo.networks.heads.ProjectionHead", "in_channels": 4, "out_channels": 8}
+    sgd = {"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 3e-5}
+    flip = {"_target_": "Compose", "transforms": [{"_target_": "RandFlipd", "keys": ["image", "label"], "prob": 0.5}]}
+    config = {
+        "cases": cases,
+        "cs": {"_target_": "diffcl_algo.networks.vnet.VNet", "n_filters": 4},
+        "ds": {"_target_": "diffcl_algo.networks.diffusion_seg.DiffusionSegNet", "n_filters": 4},
+        "cs_head": head,
+        "ds_head": head,
+        "bank": {"_target_": "diffcl_algo.memory_bank.ClassMemoryBank", "num_classes": 2, "dim": 8, "capacity": 64},
+        "cs_opt": dict(sgd, params="$list(@cs.parameters()) + list(@cs_head.parameters())"),
+        "ds_opt": dict(sgd, params="$list(@ds.parameters()) + list(@ds_head.parameters())"),
+        "dataset": {
+            "_target_": "diffcl_algo.engine.IterationBatchDataset",
+            "labeled": "$@cases[:2]",
+            "unlabeled": "$[{'image': c['image']} for c in @cases[2:]]",
+            "labeled_transform": flip,
+            "unlabeled_transform": dict(flip, transforms=[{"_target_": "RandFlipd", "keys": "image", "prob": 0.5}]),
+            "max_iterations": 3,
+        },
+        "trainer": {
+            "_target_": "diffcl_algo.engine.DiffCLTrainer",
+            "device": "cpu",
+            "max_iterations": 3,
+            "train_data_loader": {"_target_": "diffcl_algo.engine.make_iteration_loader", "dataset": "@dataset"},
+            "cs_network": "@cs",
+            "ds_network": "@ds",
+            "cs_optimizer": "@cs_opt",
+            "ds_optimizer": "@ds_opt",
+            "epoch_length": 1,
+            "cs_head": "@cs_head",
+            "ds_head": "@ds_head",
+            "memory_bank": "@bank",
+            "dataset": "LA",
+            "num_labeled": 8,
+            "cl_num_anchors": 8,
+            "cl_num_unlabeled": 256,
+            "cl_top_k": 16,
+            "handlers": [
+                {
+                    "_target_": "LrScheduleHandler",
+                    "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "optimizer": "@cs_opt",
+                                     "step_size": 1, "gamma": 0.5},
+                    "epoch_level": False,
+                    "print_lr": False,
+                },
+                {"_target_": "CheckpointSaver", "save_dir": str(tmp_path), "save_dict": {"cs": "@cs"},
+                 "save_interval": 1, "epoch_level": False, "n_saved": 1},
+                {"_target_": "StatsHandler", "output_transform": "$lambda x: x", "epoch_log": False},
+            ],
+        },
+    }  # fmt: skip
+    parser = ConfigParser(config)
+    trainer = parser.get_parsed_content("trainer")
+    assert trainer.hparams.eta == 0.5  # Table 2 row LA 8/72
+    trainer.run()
+    assert trainer.state.iteration == 3 and tuple(trainer.state.output) == LOSS_KEYS
+    assert trainer.cs_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    assert glob.glob(str(tmp_path / "*.pt"))
+
+
+def test_amp_is_ignored_on_cpu(data_dir, tmp_path):
+    with pytest.warns(UserWarning, match="amp=True is ignored"):
+        trainer = build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), amp=True, **SMALL)
+    close_trainer(trainer)
+    assert not trainer.amp_enabled and trainer.scaler is None

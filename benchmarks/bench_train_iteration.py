@@ -1,0 +1,102 @@
+"""One Diff-CL training iteration vs one supervised-only iteration at the same patch, side by side.
+
+Run by hand (not a test), from the repository root:
+
+    python benchmarks/bench_train_iteration.py --device cpu --patch 64 64 48 --iters 3
+    python benchmarks/bench_train_iteration.py --device cuda --patch 112 112 80 --amp none bfloat16
+
+Prints, per configuration, the median seconds of ``DiffCLTrainer._iteration`` on a fixed random batch
+(2 labeled + 2 unlabeled, after warm-up), the overhead ratio full / supervised-only and, on CUDA, the peak
+GPU memory of each configuration (``torch.cuda.max_memory_allocated``, reset between configurations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from diffcl_algo.engine import DiffCLTrainer
+from diffcl_algo.memory_bank import ClassMemoryBank
+from diffcl_algo.training import build_networks
+
+MODES = {
+    "supervised-only": dict(use_cps=False, use_hfm=False, use_cl=False),
+    "full Diff-CL": dict(use_cps=True, use_hfm=True, use_cl=True),
+}
+
+
+def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> DiffCLTrainer:
+    torch.manual_seed(0)
+    nets = build_networks(num_classes=2, n_filters=args.n_filters, use_hfm=mode["use_hfm"])
+    nets = {k: v.to(device) for k, v in nets.items()}
+    cs_params = list(nets["cs_network"].parameters()) + list(nets["cs_head"].parameters())
+    ds_params = list(nets["ds_network"].parameters()) + list(nets["ds_head"].parameters())
+    return DiffCLTrainer(
+        device=device,
+        max_iterations=1000,
+        train_data_loader=[None],
+        epoch_length=36,
+        memory_bank=ClassMemoryBank(2, 64).to(device),
+        dataset="LA",
+        num_labeled=8,
+        use_cps=mode["use_cps"],
+        use_cl=mode["use_cl"],
+        cs_optimizer=torch.optim.SGD(cs_params, lr=0.01, momentum=0.9, weight_decay=3e-5),
+        ds_optimizer=torch.optim.SGD(ds_params, lr=0.01, momentum=0.9, weight_decay=3e-5),
+        amp=amp != "none",
+        amp_dtype="bfloat16" if amp == "none" else amp,
+        **nets,
+    )
+
+
+def time_mode(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> tuple[float, float]:
+    trainer = make_trainer(mode, args, device, amp)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 1, *args.patch, generator=g)
+    label = torch.zeros(2, 1, *args.patch)
+    c = [s // 2 for s in args.patch]
+    label[:, :, c[0] - c[0] // 2 : c[0] + c[0] // 2, c[1] - c[1] // 2 : c[1] + c[1] // 2, :] = 1
+    batch = {"image": image, "label": label}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for k in range(args.warmup + args.iters):
+        trainer.state.iteration = k + 1
+        t0 = time.perf_counter()
+        trainer._iteration(trainer, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if k >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--patch", type=int, nargs=3, default=[112, 112, 80])
+    parser.add_argument("--n_filters", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bfloat16", "float16"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, patch {tuple(args.patch)}, n_filters {args.n_filters}, batch 2+2")
+    print(f"{'precision':>10} {'mode':>16} {'s/iter':>8} {'peak GiB':>9}")
+    for amp in args.amp:
+        results = {}
+        for label, mode in MODES.items():
+            results[label] = time_mode(mode, args, device, amp)
+            print(f"{amp:>10} {label:>16} {results[label][0]:8.3f} {results[label][1]:9.2f}")
+        ratio = results["full Diff-CL"][0] / results["supervised-only"][0]
+        print(f"{amp:>10} overhead full / supervised-only = {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
