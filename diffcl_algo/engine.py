@@ -276,6 +276,8 @@ class DiffCLTrainer(Trainer):
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (the latter with a ``GradScaler``).
         handlers: ignite handlers to attach.
         non_blocking: non-blocking host-to-device copies.
+        max_epochs: optional, for MONAI bundle property checks (``train#trainer#max_epochs``); must equal
+            ``ceil(max_iterations / epoch_length)``, the value always used (training length is ``max_iterations``).
     """
 
     def __init__(
@@ -320,9 +322,15 @@ class DiffCLTrainer(Trainer):
         amp_dtype: str = "bfloat16",
         handlers: Optional[Sequence] = None,
         non_blocking: bool = False,
+        max_epochs: Optional[int] = None,
     ) -> None:
         if max_iterations < 1 or epoch_length < 1:
             raise ValueError(f"max_iterations and epoch_length must be >= 1, got {max_iterations}, {epoch_length}.")
+        if max_epochs is not None and int(max_epochs) != math.ceil(max_iterations / epoch_length):
+            raise ValueError(
+                f"max_epochs={max_epochs} disagrees with ceil(max_iterations / epoch_length) = "
+                f"ceil({max_iterations} / {epoch_length}); leave it out, it is derived."
+            )
         if use_cl and (cs_head is None or ds_head is None or memory_bank is None):
             raise ValueError("use_cl=True needs cs_head, ds_head and memory_bank.")
         super().__init__(

@@ -1,14 +1,17 @@
-"""Python-level builder: everything of a Diff-CL run from plain arguments (no YAML needed).
+"""Python entry point to the bundles' training graph: ``build_trainer`` / ``train`` from plain arguments.
 
-``build_trainer(...)`` returns a ready ``DiffCLTrainer`` (attributes ``evaluator``, ``model_saver``,
-``train_state_saver`` attached for convenience); ``train(...)`` builds, runs and closes it. The object graph is
-the one the bundle configs mirror:
+There is one object graph, ``bundles/base/configs/train.yaml`` (MONAI bundle config):
 
-    datalists (diffcl_algo.data.build_datalists) -> IterationBatchDataset -> DataLoader(IterationSampler)
+    datalists (diffcl_algo.data.build_datalists, data#check) -> IterationBatchDataset -> DataLoader(IterationSampler)
     CS = VNet(hfm_stages=(5,) if use_hfm else ()), DS = DiffusionSegNet, heads = ProjectionHead, bank
     two SGD optimizers (CS + CS head, DS + DS head) -> DiffCLTrainer
     SupervisedEvaluator(CS only, DiffCLSlidingWindowInferer, medpy metrics) <- ValidationHandler
     ModelSaver (model.pt), TrainStateSaver (train_state.pt), StatsHandler (train.log), TensorBoard, ProgressBar
+
+``build_trainer(...)`` turns its arguments into config overrides of that file and instantiates ``train#setup``
+(:func:`setup_trainer`: the trainer with its checkpoint, logging and resume handlers attached); ``train(...)``
+builds, runs and closes it. The dataset bundles (``bundles/<dataset>/configs``) use the same file through macros.
+:func:`build_networks` (CS, DS, heads from plain arguments) serves benchmarks that need the networks alone.
 """
 
 from __future__ import annotations
@@ -21,29 +24,31 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from ignite.engine import Engine
 from ignite.handlers import ProgressBar
-from monai.engines import SupervisedEvaluator
-from monai.handlers import StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
-from monai.transforms import AsDiscreted, Compose
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from monai.bundle import ConfigParser
+from monai.bundle.utils import ID_SEP_KEY
 
-from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, unwrap
-from diffcl_algo.checkpoint import resume as resume_from_file
-from diffcl_algo.data.io import LIST_NAMES, build_datalists, detect_layout
-from diffcl_algo.data.transforms import train_transforms, val_transforms
-from diffcl_algo.diffusion import GaussianDiffusion
-from diffcl_algo.engine import LOSS_KEYS, DiffCLTrainer, IterationBatchDataset, make_iteration_loader
-from diffcl_algo.handlers import MedpyASD, MedpyDice, MedpyHD95, MedpyJaccard
-from diffcl_algo.inference import DiffCLSlidingWindowInferer
-from diffcl_algo.memory_bank import ClassMemoryBank
+from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver
+from diffcl_algo.checkpoint import resume as resume_training
+from diffcl_algo.engine import LOSS_KEYS, DiffCLTrainer
 from diffcl_algo.networks.diffusion_seg import DiffusionSegNet
 from diffcl_algo.networks.heads import ProjectionHead
 from diffcl_algo.networks.vnet import VNet
-from diffcl_algo.schedules import epoch_length as compute_epoch_length
-from diffcl_algo.schedules import resolve_hyperparams
+from diffcl_algo.schedules import DiffCLHyperParams
 
-__all__ = ["init_distributed", "build_networks", "build_trainer", "train", "close_trainer"]
+__all__ = [
+    "attach_file_logger",
+    "build_networks",
+    "build_trainer",
+    "close_trainer",
+    "detach_file_logger",
+    "find_bundles",
+    "init_distributed",
+    "resume_path",
+    "setup_trainer",
+    "train",
+]
 
 LOGGER_NAME = "diffcl_algo"
 
@@ -102,16 +107,125 @@ def build_networks(
 
 # MONAI's StatsHandler loggers do not propagate, so the log file is attached to each of them
 LOG_NAMES = (LOGGER_NAME, f"{LOGGER_NAME}.train", f"{LOGGER_NAME}.val")
+_FILE_HANDLERS: dict[str, logging.Handler] = {}
 
 
-def _file_logger(output_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(output_dir / "train.log")
+def attach_file_logger(output_dir: Union[str, os.PathLike]) -> logging.Handler:
+    """Append the ``LOG_NAMES`` loggers (INFO) to ``<output_dir>/train.log``; returns the file handler."""
+    key = str(Path(output_dir).resolve())
+    detach_file_logger(output_dir)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(output_dir) / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     for name in LOG_NAMES:
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
         log.addHandler(handler)
+    _FILE_HANDLERS[key] = handler
     return handler
+
+
+def detach_file_logger(output_dir: Union[str, os.PathLike]) -> None:
+    """Remove and close the ``train.log`` handler of ``output_dir`` (no-op when none is attached)."""
+    handler = _FILE_HANDLERS.pop(str(Path(output_dir).resolve()), None)
+    if handler is not None:
+        for name in LOG_NAMES:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+def resume_path(resume: Union[bool, str, os.PathLike, None], default: Union[str, os.PathLike]) -> Optional[Path]:
+    """The ``train_state.pt`` to resume from: ``default`` for true-ish values, None for false-ish, else ``resume``.
+
+    Accepts the strings a command line gives (``"true"``, ``"false"``, ``"1"``, ``"0"``, ...) as well as booleans.
+    """
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        return Path(default)
+    text = str(resume).strip()
+    if text.lower() in ("1", "true", "yes", "on"):
+        return Path(default)
+    if text.lower() in ("", "0", "false", "no", "off", "none", "null"):
+        return None
+    return Path(text)
+
+
+def setup_trainer(
+    trainer: DiffCLTrainer,
+    output_dir: Union[str, os.PathLike],
+    model_saver: ModelSaver,
+    train_state_saver: TrainStateSaver,
+    evaluator: Optional[Engine] = None,
+    handlers: Sequence[Any] = (),
+    val_handlers: Sequence[Any] = (),
+    summary_writer: Any = None,
+    progress: bool = False,
+    resume: Union[bool, str, os.PathLike, None] = None,
+    train_state_path: Union[str, os.PathLike, None] = None,
+) -> DiffCLTrainer:
+    """Finish a trainer built by the bundle config (``train#setup`` of ``bundles/base/configs/train.yaml``).
+
+    Attaches, in this order (after the trainer's own handlers, so the ``ValidationHandler`` runs first):
+    ``model_saver`` (best ``model.pt`` per ``evaluator``'s key metric, or the last weights), ``train_state_saver``,
+    ``handlers`` (trainer handlers that refer to the trainer, e.g. the learning-rate TensorBoard logger),
+    ``val_handlers`` to the evaluator (validation loggers indexed by the trainer iteration), the ``train.log`` file
+    and a progress bar (both on rank 0), then resumes from ``train_state.pt`` when asked.
+
+    Args:
+        trainer: the ``DiffCLTrainer``.
+        output_dir: run directory (created): ``train.log``.
+        model_saver, train_state_saver: checkpoint handlers (``diffcl_algo.checkpoint``).
+        evaluator: the validation evaluator, None without validation.
+        handlers: extra trainer handlers (``attach(trainer)``).
+        val_handlers: extra evaluator handlers (``attach(evaluator)``), ignored without an evaluator.
+        summary_writer: the TensorBoard writer shared by the handlers (closed by :func:`close_trainer`).
+        progress: tqdm progress bar of the loss terms.
+        resume: see :func:`resume_path` (``True``: ``train_state_path``).
+        train_state_path: default file to resume from.
+
+    Returns:
+        ``trainer`` with attributes ``evaluator``, ``model_saver``, ``train_state_saver``, ``summary_writer``,
+        ``output_dir`` and ``log_handler`` (rank 0, else None).
+    """
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    model_saver.attach(trainer, evaluator)
+    train_state_saver.attach(trainer)
+    for handler in handlers:
+        handler.attach(trainer)
+    for handler in val_handlers if evaluator is not None else ():
+        handler.attach(evaluator)
+    trainer.log_handler = attach_file_logger(output_dir) if main else None
+    if progress and main:
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {k: o[k] for k in LOSS_KEYS})
+    trainer.evaluator, trainer.model_saver, trainer.train_state_saver = evaluator, model_saver, train_state_saver
+    trainer.summary_writer, trainer.output_dir = summary_writer, str(output_dir)
+    path = resume_path(resume, train_state_path or Path(output_dir) / "train_state.pt")
+    if path is not None:
+        resume_training(trainer, path, model_saver)
+    return trainer
+
+
+def find_bundles(bundles_dir: Union[str, os.PathLike, None] = None) -> Path:
+    """The repository's ``bundles/`` folder: ``bundles_dir``, ``$DIFFCL_BUNDLES``, or ``<package>/../bundles``.
+
+    Raises:
+        FileNotFoundError: no ``base/configs/train.yaml`` there (the message says where it looked).
+    """
+    tried = []
+    for candidate in (bundles_dir, os.environ.get("DIFFCL_BUNDLES"), Path(__file__).resolve().parents[1] / "bundles"):
+        if candidate is None:
+            continue
+        path = Path(candidate).resolve()
+        if (path / "base" / "configs" / "train.yaml").is_file():
+            return path
+        tried.append(str(path))
+    raise FileNotFoundError(
+        f"The MONAI bundles were not found (looked for base/configs/train.yaml in: {', '.join(tried)}). They live in "
+        "the repository's bundles/ folder: use a source checkout (pip install -e .), or pass bundles_dir / set "
+        "DIFFCL_BUNDLES."
+    )
 
 
 def build_trainer(
@@ -133,7 +247,7 @@ def build_trainer(
     use_cl: bool = True,
     hfm_stages: Sequence[int] = (5,),
     seed: int = 0,
-    resume: Union[bool, str, None] = None,
+    resume_from: Union[bool, str, None] = None,
     device: str = "auto",
     labeled_batch_size: int = 2,
     unlabeled_batch_size: int = 2,
@@ -159,9 +273,16 @@ def build_trainer(
     sw_batch_size: int = 1,
     spacing: Optional[Sequence[float]] = None,
     progress: bool = True,
+    bundles_dir: Optional[str] = None,
     **hyperparams: Optional[float],
 ) -> DiffCLTrainer:
-    """Build data, networks, optimizers, trainer, validation and all handlers from plain arguments.
+    """Build the training graph of ``bundles/base/configs/train.yaml`` from plain arguments (one graph, no copy).
+
+    The arguments become config overrides (``dataset`` -> ``dataset_name``, ``resume_from`` -> ``resume``,
+    ``device`` -> the device picked by :func:`init_distributed`); under ``torchrun`` (``WORLD_SIZE > 1``)
+    ``bundles/base/configs/multi_gpu_train.yaml`` is merged on top, as for the bundles. The config's
+    ``initialize`` expressions run (seeding), then ``train#setup`` is instantiated: the trainer with every handler
+    attached, not yet run. The data are checked first (``data#check``: every case is read once).
 
     Args:
         dataset_dir: dataset root (h5 layouts of ``diffcl_algo.data``) or base of a JSON ``datalist``.
@@ -179,7 +300,7 @@ def build_trainer(
         use_cps, use_hfm, use_cl: ablation switches (Table 6).
         hfm_stages: CS encoder stages with HF-Mamba when ``use_hfm`` (default the deepest).
         seed: seed of initialisation and of every random choice of training.
-        resume: True -> ``output_dir/train_state.pt``; a path -> that file; None/False -> fresh start.
+        resume_from: True -> ``output_dir/train_state.pt``; a path -> that file; None/False -> fresh start.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         labeled_batch_size, unlabeled_batch_size: per-rank batch (paper 2 + 2).
         num_workers: data-loader processes.
@@ -194,6 +315,7 @@ def build_trainer(
         sw_batch_size: sliding-window batch of validation.
         spacing: voxel spacing for reading h5 files and for hd95/asd (None: voxel units).
         progress: show a tqdm progress bar.
+        bundles_dir: the repository's ``bundles/`` folder (see :func:`find_bundles`).
         hyperparams: overrides of Table 2 (``mu1, mu2, beta1_c, beta2_c, lambda1, lambda2, eta, hf``).
 
     Returns:
@@ -202,159 +324,76 @@ def build_trainer(
     config = {k: v for k, v in locals().items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
     config.update(hyperparams)
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-    dev, rank, world = init_distributed(device)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hp = resolve_hyperparams(dataset, num_labeled if dataset is not None else None, **hyperparams)
-    torch.manual_seed(seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-    # data
-    labeled, unlabeled = build_datalists(dataset_dir, datalist=datalist, num_labeled=num_labeled, layout=layout)
-    patch = tuple(int(p) for p in patch_size)
-    train_ds = IterationBatchDataset(
-        labeled,
-        unlabeled,
-        train_transforms(patch, spacing=spacing),
-        train_transforms(patch, labeled=False, spacing=spacing),
-        labeled_batch_size,
-        unlabeled_batch_size,
-        seed=seed,
+    unknown = set(hyperparams) - set(DiffCLHyperParams.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"build_trainer got unknown argument(s) {sorted(unknown)}.")
+    dev, _, world = init_distributed(device)
+    base = find_bundles(bundles_dir) / "base" / "configs"
+    overrides = dict(
+        dataset_dir=None if dataset_dir is None else str(dataset_dir),
+        num_labeled=num_labeled,
+        patch_size=[int(p) for p in patch_size],
+        strides=strides if isinstance(strides, int) else [int(s) for s in strides],
+        n_filters=n_filters,
         max_iterations=max_iterations,
-        rank=rank,
-        world_size=world,
-    )
-    loader = make_iteration_loader(train_ds, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    iters_per_epoch = compute_epoch_length(len(unlabeled), unlabeled_batch_size, world)
-
-    # networks and optimizers
-    nets = build_networks(num_classes, 1, n_filters, norm, 0.0, use_hfm, hfm_stages, hp.hf, head_dim)
-    nets = {k: v.to(dev) for k, v in nets.items()}
-    bank = ClassMemoryBank(num_classes, head_dim, bank_capacity).to(dev) if use_cl else None
-    sgd = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    cs_opt = torch.optim.SGD([*nets["cs_network"].parameters(), *nets["cs_head"].parameters()], **sgd)
-    ds_opt = torch.optim.SGD([*nets["ds_network"].parameters(), *nets["ds_head"].parameters()], **sgd)
-    if world > 1:
-        ids = [dev.index] if dev.type == "cuda" else None
-        for key in ("cs_network", "ds_network") + (("cs_head",) if use_cl else ()):
-            nets[key] = DistributedDataParallel(nets[key], device_ids=ids)
-
-    trainer = DiffCLTrainer(
-        device=dev,
-        max_iterations=max_iterations,
-        train_data_loader=loader,
-        cs_network=nets["cs_network"],
-        ds_network=nets["ds_network"],
-        cs_optimizer=cs_opt,
-        ds_optimizer=ds_opt,
-        epoch_length=iters_per_epoch,
+        val_interval=val_interval,
+        output_dir=str(output_dir),
+        dataset_name=dataset,
+        datalist=None if datalist is None else str(datalist),
+        layout=layout,
+        val_list=val_list,
         num_classes=num_classes,
-        cs_head=nets["cs_head"],
-        ds_head=nets["ds_head"],
-        memory_bank=bank,
-        diffusion=GaussianDiffusion(timesteps, noise_schedule),
-        dataset=dataset,
-        num_labeled=num_labeled if dataset is not None else None,
-        t_max=t_max,
-        use_cps=use_cps,
-        use_cl=use_cl,
-        cl_tau=cl_tau,
-        cl_top_k=cl_top_k,
+        use_cps=bool(use_cps),
+        use_hfm=bool(use_hfm),
+        use_cl=bool(use_cl),
+        hfm_stages=[int(s) for s in hfm_stages],
+        seed=seed,
+        resume=False if resume_from is None else (resume_from if isinstance(resume_from, bool) else str(resume_from)),
+        device=dev,
+        labeled_batch_size=labeled_batch_size,
+        unlabeled_batch_size=unlabeled_batch_size,
+        num_workers=num_workers,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        poly_lr_power=poly_lr_power,
+        ckpt_interval=ckpt_interval,
+        amp=bool(amp),
+        amp_dtype=amp_dtype,
+        norm=norm,
+        head_dim=head_dim,
+        timesteps=timesteps,
+        noise_schedule=noise_schedule,
         cl_num_anchors=cl_num_anchors,
         cl_num_unlabeled=cl_num_unlabeled,
+        cl_top_k=cl_top_k,
+        cl_tau=cl_tau,
+        bank_capacity=bank_capacity,
         bank_samples_per_class=bank_samples_per_class,
-        poly_lr_power=poly_lr_power,
-        seed=seed,
-        amp=amp,
-        amp_dtype=amp_dtype,
-        **{k: v for k, v in hp.as_dict().items() if k != "hf"},
+        t_max=t_max,
+        sw_batch_size=sw_batch_size,
+        spacing=None if spacing is None else [float(s) for s in spacing],
+        progress=bool(progress),
+        **hyperparams,
     )
-
-    # validation (CS only), run on every rank over its share of the cases; metrics are gathered
-    evaluator = None
-    if val_interval > 0:
-        layout_name = None if datalist is not None else (layout or detect_layout(dataset_dir))
-        list_name = val_list or ("validation" if datalist is not None else LIST_NAMES.get(layout_name, ("", ""))[1])
-        val_cases, _ = build_datalists(dataset_dir, datalist=datalist, list_name=list_name, layout=layout_name)
-        val_cases = val_cases[rank::world]
-        if not val_cases:
-            raise ValueError(f"Rank {rank}/{world} gets no validation case of {list_name!r}: fewer cases than ranks.")
-        val_loader = DataLoader(
-            _ListDataset(val_cases, val_transforms(spacing=spacing)), batch_size=1, num_workers=num_workers
-        )
-        metric_io = from_engine(["pred", "label"])
-        evaluator = SupervisedEvaluator(
-            device=dev,
-            val_data_loader=val_loader,
-            network=unwrap(nets["cs_network"]),
-            inferer=DiffCLSlidingWindowInferer(patch, strides, sw_batch_size=sw_batch_size),
-            postprocessing=Compose([AsDiscreted(keys="pred", argmax=True)]),
-            key_val_metric={"val_mean_dice": MedpyDice(output_transform=metric_io)},
-            additional_metrics={
-                "val_jaccard": MedpyJaccard(output_transform=metric_io),
-                "val_hd95": MedpyHD95(spacing=spacing, output_transform=metric_io),
-                "val_asd": MedpyASD(spacing=spacing, output_transform=metric_io),
-            },
-        )
-        ValidationHandler(interval=val_interval, validator=evaluator, epoch_level=False).attach(trainer)
-
-    model_saver = ModelSaver(nets["cs_network"], str(out))
-    model_saver.attach(trainer, evaluator)
-    state_saver = TrainStateSaver(str(out), ckpt_interval, model_saver=model_saver, config=config)
-    state_saver.attach(trainer)  # after ValidationHandler: a save at a validation iteration includes its best
-    trainer.evaluator, trainer.model_saver, trainer.train_state_saver = evaluator, model_saver, state_saver
-    trainer.log_handler, trainer.summary_writer = None, None
-
-    if rank == 0:  # observability
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = trainer.summary_writer = SummaryWriter(log_dir=str(out))
-        StatsHandler(name=LOG_NAMES[1], output_transform=lambda o: o, epoch_log=False).attach(trainer)
-        TensorBoardStatsHandler(writer, output_transform=lambda o: o, epoch_log=False).attach(trainer)
-        TensorBoardStatsHandler(
-            writer, output_transform=lambda _: trainer.learning_rates(), epoch_log=False
-        ).attach(trainer)
-        if evaluator is not None:
-            step = lambda _: trainer.state.iteration  # noqa: E731
-            StatsHandler(
-                name=LOG_NAMES[2], output_transform=lambda _: None, iteration_log=False, global_epoch_transform=step
-            ).attach(evaluator)
-            TensorBoardStatsHandler(
-                writer, output_transform=lambda _: None, iteration_log=False, global_epoch_transform=step
-            ).attach(evaluator)
-        trainer.log_handler = _file_logger(out)
-        if progress:
-            ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {k: o[k] for k in LOSS_KEYS})
-
-    if resume:
-        path = out / "train_state.pt" if resume is True else Path(resume)
-        resume_from_file(trainer, path, model_saver)
-    return trainer
-
-
-class _ListDataset(torch.utils.data.Dataset):
-    """Transform-on-read list dataset (full validation volumes)."""
-
-    def __init__(self, data: Sequence[dict], transform: Any) -> None:
-        self.data, self.transform = list(data), transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.transform(dict(self.data[i]))
+    overrides["train#train_state_saver#config"] = config
+    files = [str(base / "train.yaml")] + ([str(base / "multi_gpu_train.yaml")] if world > 1 else [])
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update(overrides)
+    parser.parse()
+    for i in range(len(parser["initialize"])):
+        parser.get_parsed_content(f"initialize{ID_SEP_KEY}{i}")
+    parser.get_parsed_content("data#check")
+    return parser.get_parsed_content("train#setup")
 
 
 def close_trainer(trainer: DiffCLTrainer) -> None:
-    """Close the TensorBoard writer and detach the log file of a ``build_trainer`` trainer."""
+    """Close the TensorBoard writer and detach the log file of a trainer from :func:`setup_trainer`."""
     if getattr(trainer, "summary_writer", None) is not None:
         trainer.summary_writer.close()
-    if getattr(trainer, "log_handler", None) is not None:
-        for name in LOG_NAMES:
-            logging.getLogger(name).removeHandler(trainer.log_handler)
-        trainer.log_handler.close()
+    if getattr(trainer, "output_dir", None) is not None:
+        detach_file_logger(trainer.output_dir)
 
 
 def train(**kwargs: Any) -> dict[str, Any]:

@@ -126,6 +126,23 @@ def test_hfm_stage_builds_and_runs() -> None:
     assert all(p.grad is not None for p in net.hfm.parameters())
 
 
+class _Zero(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def test_hfm_joins_as_residual() -> None:
+    """``f + F_o``: an HF-Mamba that outputs zeros leaves the CS exactly the plain V-Net."""
+    torch.manual_seed(0)
+    with_hfm = VNet(3, 1, 2, n_filters=4, hfm_stages=(5,)).eval()
+    plain = VNet(3, 1, 2, n_filters=4).eval()
+    plain.load_state_dict({k: v for k, v in with_hfm.state_dict().items() if not k.startswith("hfm.")})
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert not torch.allclose(with_hfm(x), plain(x))
+    with_hfm.hfm["5"] = _Zero()
+    assert torch.equal(with_hfm(x), plain(x))
+
+
 def test_hfm_parameter_count() -> None:
     net = VNet(3, 1, 2, n_filters=16, hfm_stages=(5,))
     assert n_params(net) == 9_448_866 + n_params(HFMamba(3, channels=256))

@@ -124,7 +124,9 @@ class VNet(nn.Module):
     - ``dropout`` p (default 0.0, the field uses ``Dropout3d(0.5)`` when ``has_dropout``): channel dropout on the
       bottleneck map and on the last decoder map, as the field does.
     - ``hfm_stages``: an :class:`~diffcl_algo.networks.hf_mamba.HFMamba` (paper eq. 10) on the output of each
-      listed encoder stage (1..5, 5 = deepest), before that output is used as skip and downsampled. Its gated
+      listed encoder stage (1..5, 5 = deepest), before that output is used as skip and downsampled, merged as a
+      residual ``f + F_o`` (the paper does not say how ``F_o`` rejoins the CS; used as a replacement, its
+      high-pass discards the low frequencies of the bottleneck and CS learned far slower in our tests). Its gated
       spatial conv uses instance norm, so in training that stage needs more than one voxel (stage ``k`` has
       ``S / 2**(k-1)`` voxels per axis: 112x112x80 or 96^3 patches give 7x7x5 or 6^3 at stage 5).
     - ``cond_dim``: per-encoder-stage FiLM (``h * (1 + scale) + shift``, applied to the stage output before any
@@ -238,7 +240,7 @@ class VNet(nn.Module):
             h = h * (1 + scale.view(shape)) + shift.view(shape)
         key = str(index)
         if key in self.hfm:
-            h = self.hfm[key](h)
+            h = h + self.hfm[key](h)  # residual: eq. 10's high-pass output adds detail, it does not replace f
         return h
 
     def forward(
