@@ -1,7 +1,8 @@
 """Checkpointing: atomic writes, ``model.pt`` (CS weights), ``train_state.pt`` (everything to resume).
 
 * ``atomic_save``: ``torch.save`` into a temporary file in the target directory, ``fsync``, then ``os.replace``:
-  a crash or a failing write never leaves a truncated checkpoint and never touches the previous file.
+  a crash or a failing write never leaves a truncated checkpoint and never touches the previous file; temporaries
+  left by a killed process are removed by the next successful save of the same file.
 * ``ModelSaver`` (ignite handler): ``model.pt`` = the CS ``state_dict`` alone (what inference needs), written
   whenever the validation key metric (mean Dice) improves, or at the end of training when no validation ran.
 * ``TrainStateSaver`` (ignite handler): ``train_state.pt`` every ``interval`` iterations and at the end:
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -46,7 +48,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
     Writes a temporary file in the same directory, flushes and ``fsync``s it, then ``os.replace``s it onto
     ``path`` (atomic on POSIX and Windows within one file system) and ``fsync``s the directory. If anything
-    fails the temporary file is removed, the exception propagates and the previous ``path`` is untouched.
+    fails the temporary file is removed, the exception propagates and the previous ``path`` is untouched. A
+    process killed mid-write (SIGKILL, power loss) leaves its temporary ``.<name>.*.tmp``, never a truncated
+    ``path``; such leftovers are deleted after the next successful write of ``path``.
 
     Args:
         obj: what to save (state dicts, tensors, primitives).
@@ -65,6 +69,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by writers killed mid-write
+        stale.unlink(missing_ok=True)
     if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
         dir_fd = os.open(path.parent, os.O_DIRECTORY)
         try:
@@ -152,7 +158,8 @@ class TrainStateSaver:
 
     Args:
         output_dir: directory of ``train_state.pt``.
-        interval: iterations between saves (``<= 0``: only at the end).
+        interval: iterations between saves (``>= 1``; a run that saves only at the end could not be resumed after a
+            crash: use ``interval = max_iterations`` for that on purpose).
         filename: file name (default ``train_state.pt``).
         model_saver: its best metric / iteration are stored too and restored by ``resume``.
         config: plain config summary (primitives only) stored under ``"config"``.
@@ -166,6 +173,8 @@ class TrainStateSaver:
         model_saver: Optional[ModelSaver] = None,
         config: Optional[dict[str, Any]] = None,
     ) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"ckpt_interval (TrainStateSaver interval) must be >= 1 iteration, got {interval}.")
         self.path = Path(output_dir) / filename
         self.interval = int(interval)
         self.model_saver = model_saver
@@ -173,8 +182,7 @@ class TrainStateSaver:
         self._last_saved: Optional[tuple] = None
 
     def attach(self, trainer: Engine) -> None:
-        if self.interval > 0:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.save)
         trainer.add_event_handler(Events.COMPLETED, self.save)
 
     def save(self, trainer: Engine) -> None:

@@ -3,6 +3,8 @@
 * ``DiffCLTrainer``: a ``monai.engines.Trainer`` whose iteration is Algorithm 1 (eq. 5-9, 11-22); it fires the
   standard ignite / MONAI events, so stock MONAI handlers (StatsHandler, TensorBoardStatsHandler,
   ValidationHandler, LrScheduleHandler, CheckpointSaver) attach to it.
+* ``GuardedValidationHandler``: MONAI's ``ValidationHandler`` plus a policy for a validation round that raises
+  (``val_error="raise"`` stops training with an error naming the case, ``"continue"`` logs it and skips the round).
 * ``IterationBatchDataset`` + ``IterationSampler``: item ``i`` of the dataset is the *whole* (per-rank) batch of
   global iteration ``i``; the sampler yields ``range(start_iteration, max_iterations)``. Case indices come from
   per-pass permutations seeded by ``(seed, stream, pass)`` and each sample's augmentation is re-seeded from
@@ -15,6 +17,7 @@ iteration counter plus the model / optimizer / memory-bank state (``train_state(
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -27,7 +30,9 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
+from monai.handlers import ValidationHandler
 from monai.transforms import Randomizable
+from monai.utils import ImageMetaKey, ensure_tuple
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -44,7 +49,11 @@ __all__ = [
     "IterationSampler",
     "make_iteration_loader",
     "DiffCLTrainer",
+    "GuardedValidationHandler",
+    "VAL_ERROR_MODES",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Keys of the engine output (``engine.state.output``), each a Python float.
 LOSS_KEYS = (
@@ -119,6 +128,9 @@ class IterationBatchDataset(Dataset):
     ) -> None:
         if not labeled or not unlabeled:
             raise ValueError(f"Need labeled and unlabeled cases, got {len(labeled)} and {len(unlabeled)}.")
+        for name, size in (("labeled_batch_size", labeled_batch_size), ("unlabeled_batch_size", unlabeled_batch_size)):
+            if int(size) < 1:
+                raise ValueError(f"{name} must be >= 1, got {size}.")
         self.labeled = list(labeled)
         self.unlabeled = list(unlabeled)
         self.labeled_transform = labeled_transform
@@ -324,8 +336,9 @@ class DiffCLTrainer(Trainer):
         non_blocking: bool = False,
         max_epochs: Optional[int] = None,
     ) -> None:
-        if max_iterations < 1 or epoch_length < 1:
-            raise ValueError(f"max_iterations and epoch_length must be >= 1, got {max_iterations}, {epoch_length}.")
+        for name, value in (("max_iterations", max_iterations), ("epoch_length", epoch_length)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
         if max_epochs is not None and int(max_epochs) != math.ceil(max_iterations / epoch_length):
             raise ValueError(
                 f"max_epochs={max_epochs} disagrees with ceil(max_iterations / epoch_length) = "
@@ -564,3 +577,101 @@ class DiffCLTrainer(Trainer):
         with self._autocast():
             b = self.cs_head(sampled)
         return self.cl_loss(anchors, b.float().reshape(b.shape[1], -1).T)
+
+
+#: ``GuardedValidationHandler(val_error=...)`` choices.
+VAL_ERROR_MODES = ("raise", "continue")
+
+
+def _failing_cases(evaluator: Engine) -> list[str]:
+    """Names of the case(s) an evaluator was processing when it raised.
+
+    From the batch when it was loaded (``"case"`` key, else the image file); when loading itself failed, the
+    dataset entries of the batch being read (sequential loader: ``state.iteration`` batches were read before).
+    """
+    batch = evaluator.state.batch
+    items = batch if isinstance(batch, (list, tuple)) else [batch]  # decollated after ITERATION_COMPLETED
+    names = []
+    for item in items if batch is not None else ():
+        if isinstance(item, Mapping) and "case" in item:
+            names += [str(c) for c in ensure_tuple(item["case"])]
+        elif isinstance(item, Mapping) and isinstance(item.get("image"), MetaTensor):
+            names += [str(f) for f in ensure_tuple(item["image"].meta.get(ImageMetaKey.FILENAME_OR_OBJ, ()))]
+    if names:
+        return names
+    loader = getattr(evaluator, "data_loader", None)
+    data = getattr(getattr(loader, "dataset", None), "data", None)
+    if batch is None and isinstance(data, Sequence):
+        size = getattr(loader, "batch_size", None) or 1
+        start = int(evaluator.state.iteration) * size
+        entries = data[start : start + size]
+        return [str(e.get("case", e.get("image"))) if isinstance(e, Mapping) else str(e) for e in entries]
+    return []
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of an exception and of its causes (MONAI wraps reader errors in "applying transform")."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen and len(parts) < 4:
+        seen.add(id(error))
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- caused by ".join(parts)
+
+
+class GuardedValidationHandler(ValidationHandler):
+    """MONAI ``ValidationHandler`` with a policy for a validation round that raises.
+
+    A long run can meet a validation failure that the up-front data check could not see (a file corrupted or
+    removed after training started, a transform or an evaluator handler raising). The failure is logged on
+    ``diffcl_algo.engine`` (so in ``train.log``) with the training iteration, the case(s) being validated and the
+    error, then, per ``val_error``:
+
+    * ``"raise"``: training stops; a ``RuntimeError`` naming the iteration and the case(s), chained to the
+      original exception, propagates out of ``trainer.run()`` (``train_state.pt`` holds the last periodic save).
+    * ``"continue"``: the round is skipped (no metric, nothing saved) and training goes on; the next round runs
+      normally.
+
+    In both modes ``model.pt`` is untouched by the failed round: ``checkpoint.ModelSaver`` reacts only to a
+    completed round (evaluator ``EPOCH_COMPLETED``), so the partial metrics of a failed round are never compared
+    with the best, and it only ever replaces ``model.pt`` by a better model.
+
+    Under DDP every rank validates its share of the cases and the metrics are gathered: a failure on one rank
+    leaves the others waiting in that gather, so use ``"raise"`` there (torchrun then stops the other ranks).
+
+    Args:
+        interval, validator, epoch_level, exec_at_start: as ``monai.handlers.ValidationHandler``.
+        val_error: ``"raise"`` (default) or ``"continue"``.
+    """
+
+    def __init__(
+        self,
+        interval: int,
+        validator: Optional[Any] = None,
+        epoch_level: bool = True,
+        exec_at_start: bool = False,
+        val_error: str = "raise",
+    ) -> None:
+        if val_error not in VAL_ERROR_MODES:
+            raise ValueError(f"val_error must be one of {VAL_ERROR_MODES}, got {val_error!r}.")
+        if int(interval) < 1:
+            raise ValueError(f"validation interval must be >= 1, got {interval}.")
+        super().__init__(interval, validator, epoch_level, exec_at_start)
+        self.val_error = val_error
+
+    def __call__(self, engine: Engine) -> None:
+        if self.validator is None:
+            raise RuntimeError("GuardedValidationHandler: set the validator before training.")
+        try:
+            super().__call__(engine)
+        except Exception as e:
+            # ignite keeps the dead run generator of a run that raised, so the evaluator's next run() would return
+            # at once without validating; forget it so the next round runs
+            self.validator._internal_run_generator = None
+            cases = _failing_cases(self.validator)
+            what = f"Validation at iteration {engine.state.iteration} failed on case(s) {cases or 'unknown'}"
+            what += f": {_describe(e)}"
+            action = "training stops" if self.val_error == "raise" else "round skipped, training continues"
+            logger.error(f"{what} ({action}; val_error={self.val_error!r})")
+            if self.val_error == "raise":
+                raise RuntimeError(what) from e

@@ -42,6 +42,7 @@ __all__ = [
     "build_networks",
     "build_trainer",
     "close_trainer",
+    "config_error_cause",
     "detach_file_logger",
     "find_bundles",
     "init_distributed",
@@ -208,24 +209,26 @@ def setup_trainer(
 
 
 def find_bundles(bundles_dir: Union[str, os.PathLike, None] = None) -> Path:
-    """The repository's ``bundles/`` folder: ``bundles_dir``, ``$DIFFCL_BUNDLES``, or ``<package>/../bundles``.
+    """The repository's ``bundles/`` folder: ``bundles_dir`` if given, else ``$DIFFCL_BUNDLES``, else
+    ``<package>/../bundles`` (source checkout or editable install).
 
     Raises:
-        FileNotFoundError: no ``base/configs/train.yaml`` there (the message says where it looked).
+        FileNotFoundError: the chosen folder has no ``base/configs/train.yaml`` (the message names it).
     """
-    tried = []
-    for candidate in (bundles_dir, os.environ.get("DIFFCL_BUNDLES"), Path(__file__).resolve().parents[1] / "bundles"):
-        if candidate is None:
-            continue
-        path = Path(candidate).resolve()
-        if (path / "base" / "configs" / "train.yaml").is_file():
-            return path
-        tried.append(str(path))
-    raise FileNotFoundError(
-        f"The MONAI bundles were not found (looked for base/configs/train.yaml in: {', '.join(tried)}). They live in "
-        "the repository's bundles/ folder: use a source checkout (pip install -e .), or pass bundles_dir / set "
-        "DIFFCL_BUNDLES."
-    )
+    if bundles_dir is not None:
+        path, source = Path(bundles_dir), "bundles_dir"
+    elif os.environ.get("DIFFCL_BUNDLES"):
+        path, source = Path(os.environ["DIFFCL_BUNDLES"]), "$DIFFCL_BUNDLES"
+    else:
+        path, source = Path(__file__).resolve().parents[1] / "bundles", "the folder next to the diffcl_algo package"
+    path = path.resolve()
+    if not (path / "base" / "configs" / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"The MONAI bundles were not found: {path} ({source}) has no base/configs/train.yaml. They live in the "
+            "repository's bundles/ folder: use a source checkout (pip install -e .), or pass bundles_dir / set "
+            "DIFFCL_BUNDLES to that folder."
+        )
+    return path
 
 
 def build_trainer(
@@ -247,7 +250,7 @@ def build_trainer(
     use_cl: bool = True,
     hfm_stages: Sequence[int] = (5,),
     seed: int = 0,
-    resume_from: Union[bool, str, None] = None,
+    resume: Union[bool, str, None] = None,
     device: str = "auto",
     labeled_batch_size: int = 2,
     unlabeled_batch_size: int = 2,
@@ -278,7 +281,7 @@ def build_trainer(
 ) -> DiffCLTrainer:
     """Build the training graph of ``bundles/base/configs/train.yaml`` from plain arguments (one graph, no copy).
 
-    The arguments become config overrides (``dataset`` -> ``dataset_name``, ``resume_from`` -> ``resume``,
+    The arguments become config overrides (``dataset`` -> ``dataset_name``,
     ``device`` -> the device picked by :func:`init_distributed`); under ``torchrun`` (``WORLD_SIZE > 1``)
     ``bundles/base/configs/multi_gpu_train.yaml`` is merged on top, as for the bundles. The config's
     ``initialize`` expressions run (seeding), then ``train#setup`` is instantiated: the trainer with every handler
@@ -300,7 +303,7 @@ def build_trainer(
         use_cps, use_hfm, use_cl: ablation switches (Table 6).
         hfm_stages: CS encoder stages with HF-Mamba when ``use_hfm`` (default the deepest).
         seed: seed of initialisation and of every random choice of training.
-        resume_from: True -> ``output_dir/train_state.pt``; a path -> that file; None/False -> fresh start.
+        resume: True -> ``output_dir/train_state.pt``; a path -> that file; None/False -> fresh start.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         labeled_batch_size, unlabeled_batch_size: per-rank batch (paper 2 + 2).
         num_workers: data-loader processes.
@@ -348,7 +351,7 @@ def build_trainer(
         use_cl=bool(use_cl),
         hfm_stages=[int(s) for s in hfm_stages],
         seed=seed,
-        resume=False if resume_from is None else (resume_from if isinstance(resume_from, bool) else str(resume_from)),
+        resume=False if resume is None else (resume if isinstance(resume, bool) else str(resume)),
         device=dev,
         labeled_batch_size=labeled_batch_size,
         unlabeled_batch_size=unlabeled_batch_size,
@@ -382,10 +385,28 @@ def build_trainer(
     parser.read_config(files)
     parser.update(overrides)
     parser.parse()
-    for i in range(len(parser["initialize"])):
-        parser.get_parsed_content(f"initialize{ID_SEP_KEY}{i}")
-    parser.get_parsed_content("data#check")
-    return parser.get_parsed_content("train#setup")
+    try:
+        for i in range(len(parser["initialize"])):
+            parser.get_parsed_content(f"initialize{ID_SEP_KEY}{i}")
+        parser.get_parsed_content("data#check")
+        return parser.get_parsed_content("train#setup")
+    except RuntimeError as e:
+        raise config_error_cause(e) from None
+
+
+def config_error_cause(error: BaseException) -> BaseException:
+    """The exception a MONAI config wrapped (``"Failed to instantiate ..."`` / ``"Failed to evaluate ..."``).
+
+    MONAI re-raises every error of a config item as a ``RuntimeError`` naming the item; this follows
+    ``__cause__`` through those wrappers to the original error (e.g. the ``DataError`` naming a missing file).
+    """
+    while (
+        isinstance(error, RuntimeError)
+        and str(error).startswith(("Failed to instantiate", "Failed to evaluate"))
+        and error.__cause__ is not None
+    ):
+        error = error.__cause__
+    return error
 
 
 def close_trainer(trainer: DiffCLTrainer) -> None:

@@ -225,6 +225,13 @@ class VNet(nn.Module):
         spatial = tuple(x.shape[2:])
         if any(s % 16 for s in spatial):
             raise ValueError(f"VNet needs every spatial size divisible by 16 (4 stride-2 downsamplings), got {spatial}")
+        for stage in self.hfm if self.training else ():  # HF-Mamba's instance norm needs > 1 voxel in training
+            stage_shape = tuple(s // 2 ** (int(stage) - 1) for s in spatial)
+            if math.prod(stage_shape) <= 1:
+                raise ValueError(
+                    f"VNet with HF-Mamba at encoder stage {stage} needs more than one voxel there in training: input "
+                    f"{spatial} gives {stage_shape}; use at least {2 ** int(stage)} voxels along one axis"
+                )
         if self.film is None and cond is not None:
             raise ValueError("cond was given but this VNet was built with cond_dim=None")
         if self.film is not None and (cond is None or cond.shape != (x.shape[0], self.cond_dim)):

@@ -1,0 +1,219 @@
+"""Tests of the MONAI bundles (bundles/base + la / brats / pancreas): the three workflows on tiny synthetic data of
+each layout, MONAI property checks, metadata schema, data errors, CLI overrides, resume, the LA hold-out split and
+one literal ``python -m monai.bundle run training`` command line (CPU, ~2 minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from diffcl_algo.data import DataError, make_synthetic_dataset
+from diffcl_algo.training import config_error_cause
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO.parent / "shared" / "reference" / "model-zoo" / "meta_schema_20240725.json"
+BUNDLES = ("la", "brats", "pancreas")
+RUN_IDS = {"train": "training", "evaluate": "evaluating", "inference": "inferring"}
+SHAPE = (36, 34, 20)
+SMALL = {"patch_size": [32, 32, 16], "strides": [16, 16, 8], "n_filters": 4, "device": "cpu"}
+SMALL_TRAIN = {
+    **SMALL,
+    "max_iterations": 2,
+    "val_interval": 2,
+    "progress": False,
+    "head_dim": 16,
+    "cl_num_anchors": 16,
+    "cl_num_unlabeled": 512,
+    "cl_top_k": 32,
+    "bank_samples_per_class": 64,
+}
+# per bundle: synthetic cases, labeled cases and Table 2 row (None: defaults, the row needs more cases)
+SETTINGS = {"la": (8, 4, "LA"), "brats": (6, 2, None), "pancreas": (10, 6, "Pancreas")}
+
+
+def _workflow(bundle: str, workflow: str, **overrides) -> ConfigWorkflow:
+    """An initialised ``ConfigWorkflow`` of ``bundles/<bundle>/configs/<workflow>.yaml`` (cwd = repository root)."""
+    wf = ConfigWorkflow(
+        config_file=f"bundles/{bundle}/configs/{workflow}.yaml",
+        workflow_type="train" if workflow == "train" else "infer",
+        run_id=RUN_IDS[workflow],
+        **overrides,
+    )
+    wf.initialize()
+    return wf
+
+
+def _run(wf: ConfigWorkflow) -> None:
+    wf.run()
+    wf.finalize()
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)  # the bundles' macros name bundles/base/configs/... relative to the working directory
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks; avoids oversubscription slow-downs on shared cores
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle_data")
+    return {
+        name: str(make_synthetic_dataset(root / name, num_cases=SETTINGS[name][0], shape=SHAPE, seed=1, kind=name))
+        for name in BUNDLES
+    }
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_train_evaluate_infer(bundle, datasets, tmp_path):
+    _, num_labeled, table2 = SETTINGS[bundle]
+    data = datasets[bundle]
+    out = tmp_path / "train"
+    wf = _workflow(bundle, "train", dataset_dir=data, output_dir=str(out), num_labeled=num_labeled, **SMALL_TRAIN,
+                   **({} if table2 else {"dataset_name": None}))  # fmt: skip
+    assert wf.check_properties() == []
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    if table2:
+        from diffcl_algo.schedules import table2_params
+
+        assert trainer.hparams.eta == table2_params(table2, num_labeled).eta
+    _run(wf)
+    assert trainer.state.iteration == 2
+    assert {"model.pt", "train_state.pt", "train.log"} <= {p.name for p in out.iterdir()}
+    assert list(out.glob("events.out.tfevents.*"))
+    cs_state = torch.load(out / "model.pt", weights_only=True)
+    assert any(k.startswith("block_one") for k in cs_state)
+
+    common = {"dataset_dir": data, "ckpt_path": str(out / "model.pt"), "num_labeled": num_labeled, **SMALL}
+    if not table2:
+        common["dataset_name"] = None
+    ev = _workflow(bundle, "evaluate", output_dir=str(tmp_path / "eval"), **common)
+    assert ev.check_properties() == []
+    _run(ev)
+    test_cases = ev.parser.get_parsed_content("data#cases")
+    assert len(test_cases) == 2
+    names = {p.name for p in (tmp_path / "eval").iterdir()}
+    assert {"metrics.csv", "metrics_summary.json", "cases.json"} <= names
+    assert {f"{c['case']}.nii.gz" for c in test_cases} <= names
+    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert summary["count"] == 2 and set(summary["metrics"]) == {"dice", "jaccard", "hd95", "asd"}
+
+    inf = _workflow(bundle, "inference", output_dir=str(tmp_path / "infer"), **common)
+    assert inf.check_properties() == []
+    _run(inf)
+    assert {p.name for p in (tmp_path / "infer").iterdir()} == {f"{c['case']}.nii.gz" for c in test_cases}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_matches_model_zoo_schema(bundle):
+    if not SCHEMA.is_file():
+        pytest.skip(f"{SCHEMA} not available")
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    jsonschema.validate(meta, schema)
+    for name in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf"):
+        assert (REPO / "bundles" / bundle / "configs" / name).is_file()
+    for name in ("docs/README.md", "LICENSE", "large_files.yml"):
+        assert (REPO / "bundles" / bundle / name).is_file()
+
+
+def test_missing_dataset_dir_names_path_and_layout(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    wf = _workflow("la", "train", dataset_dir=str(missing), output_dir=str(tmp_path / "out"), **SMALL_TRAIN)
+    with pytest.raises(RuntimeError) as info:
+        _run(wf)
+    cause = config_error_cause(info.value)
+    assert isinstance(cause, DataError)
+    assert str(missing) in str(cause) and "2018LA_Seg_Training Set/<case>/mri_norm2.h5" in str(cause)
+
+
+def test_corrupt_case_is_reported_before_training(datasets, tmp_path):
+    import shutil
+
+    data = tmp_path / "la"
+    shutil.copytree(datasets["la"], data)
+    bad = next((data / "2018LA_Seg_Training Set").iterdir()) / "mri_norm2.h5"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated file
+    wf = _workflow("la", "train", dataset_dir=str(data), output_dir=str(tmp_path / "out"), num_labeled=4, **SMALL_TRAIN)
+    with pytest.raises(RuntimeError) as info:
+        _run(wf)
+    cause = config_error_cause(info.value)
+    assert isinstance(cause, DataError) and str(bad) in str(cause)
+    assert not (tmp_path / "out" / "train_state.pt").exists()
+
+
+def test_cli_ablation_switches_build_the_ablated_graph(datasets, tmp_path):
+    # the strings a command line gives (--use_cps false) as well as booleans
+    wf = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=2,
+                   dataset_name="none", use_cps="false", use_hfm="False", use_cl=False, **SMALL_TRAIN)  # fmt: skip
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert not trainer.use_cps and not trainer.use_cl and trainer.memory_bank is None
+    from diffcl_algo.schedules import DEFAULT_HYPERPARAMS
+
+    assert trainer.hparams.eta == DEFAULT_HYPERPARAMS.eta  # --dataset_name none: no Table 2 row
+    assert len(wf.parser.get_parsed_content("network_def").hfm) == 0
+    full = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4, **SMALL_TRAIN)
+    trainer = full.parser.get_parsed_content("train#trainer")
+    assert trainer.use_cps and trainer.use_cl and trainer.memory_bank is not None
+    assert list(full.parser.get_parsed_content("network_def").hfm) == ["5"]
+
+
+def test_la_holdout_split_and_resume(datasets, tmp_path):
+    import shutil
+
+    data = tmp_path / "la"
+    shutil.copytree(datasets["la"], data)
+    (data / "test.list").unlink()  # as in ../shared/data/LA: validate on the last 2 cases of train.list
+    train_cases = (data / "train.list").read_text().split()
+    common = dict(dataset_dir=str(data), output_dir=str(tmp_path / "out"), num_labeled=2, dataset_name=None,
+                  num_val_holdout=2, **SMALL_TRAIN)  # fmt: skip
+    wf = _workflow("la", "train", **common)
+    assert [c["case"] for c in wf.parser.get_parsed_content("data#validation")] == train_cases[-2:]
+    assert [c["case"] for c in wf.parser.get_parsed_content("data#labeled")] == train_cases[:2]
+    assert [c["case"] for c in wf.parser.get_parsed_content("data#unlabeled")] == train_cases[2:-2]
+    _run(wf)
+    resumed = _workflow("la", "train", **{**common, "max_iterations": 3, "resume": "true"})
+    _run(resumed)
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 3
+    ev = _workflow("la", "evaluate", dataset_dir=str(data), output_dir=str(tmp_path / "eval"), num_val_holdout=2,
+                   ckpt_path=str(tmp_path / "out" / "model.pt"), dataset_name=None, **SMALL)  # fmt: skip
+    assert [c["case"] for c in ev.parser.get_parsed_content("data#cases")] == train_cases[-2:]
+    # inference on a JSON list of images (relative to dataset_dir)
+    image = f"2018LA_Seg_Training Set/{train_cases[0]}/mri_norm2.h5"
+    (tmp_path / "images.json").write_text(json.dumps({"testing": [image]}))
+    inf = _workflow("la", "inference", dataset_dir=str(data), datalist=str(tmp_path / "images.json"),
+                    output_dir=str(tmp_path / "pred"), ckpt_path=str(tmp_path / "out" / "model.pt"), dataset_name=None,
+                    **SMALL)  # fmt: skip
+    _run(inf)
+    assert [p.name for p in (tmp_path / "pred").iterdir()] == [f"{train_cases[0]}.nii.gz"]
+
+
+def test_cli_training_command_line(datasets, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", "bundles/la/configs/train.yaml",
+        "--dataset_dir", datasets["la"], "--output_dir", str(out),
+        "--max_iterations", "2", "--val_interval", "2", "--num_labeled", "4",
+        "--patch_size", "[32, 32, 16]", "--strides", "[16, 16, 8]", "--n_filters", "4", "--head_dim", "16",
+        "--cl_num_anchors", "16", "--cl_num_unlabeled", "512", "--cl_top_k", "32", "--device", "cpu",
+        "--progress", "false", "--use_cl", "false",
+    ]  # fmt: skip
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model.pt").is_file() and (out / "train_state.pt").is_file() and (out / "train.log").is_file()
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["config"]["use_cl"] is False and state["memory_bank"] is None

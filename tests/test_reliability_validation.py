@@ -1,0 +1,147 @@
+"""Reliability: a validation round that raises during a long run is logged with the case name, then either skipped
+(``val_error="continue"``) or stops training (``"raise"``); the best ``model.pt`` is never lost or replaced by a worse
+one (docs/reliability.md, item 6)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.handlers import ValidationHandler
+
+from diffcl_algo.checkpoint import load_train_state
+from diffcl_algo.data import make_synthetic_dataset
+from diffcl_algo.engine import GuardedValidationHandler
+from diffcl_algo.training import build_trainer, close_trainer
+
+TINY = dict(
+    num_labeled=2,
+    patch_size=(16, 16, 16),
+    strides=(8, 8, 8),
+    n_filters=4,
+    device="cpu",
+    progress=False,
+    use_hfm=False,
+    cl_num_anchors=8,
+    cl_num_unlabeled=128,
+    cl_top_k=16,
+    bank_samples_per_class=32,
+    head_dim=8,
+    labeled_batch_size=1,
+    unlabeled_batch_size=1,
+    max_iterations=6,
+    val_interval=2,
+    ckpt_interval=2,
+)
+VAL_CASES = ["synth_la_004", "synth_la_005"]  # make_synthetic_dataset's test list (num_test=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, oversubscribed threads make these tiny runs ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_synthetic_dataset(tmp_path / "la", num_cases=6, shape=(20, 20, 18), seed=0, num_test=2)
+
+
+def _guarded_trainer(data_dir: Path, out: Path, val_error: str):
+    """``build_trainer`` with its validation handler made a ``GuardedValidationHandler(val_error=...)`` in place
+    (same registration order), as long as the bundle config instantiates MONAI's ``ValidationHandler``."""
+    trainer = build_trainer(str(data_dir), output_dir=str(out), **TINY)
+    found = []
+    for handler, _, _ in trainer._event_handlers[Events.ITERATION_COMPLETED]:
+        handler = handler._parent() if hasattr(handler, "_parent") else handler
+        if isinstance(handler, ValidationHandler):
+            if not isinstance(handler, GuardedValidationHandler):
+                handler.__class__ = GuardedValidationHandler
+            handler.val_error = val_error
+            found.append(handler)
+    assert len(found) == 1
+    saves = []
+    save = trainer.model_saver.save
+    trainer.model_saver.save = lambda: (saves.append(trainer.state.iteration), save())
+    return trainer, saves
+
+
+def _fail_in_round(evaluator, round_index: int, case_index: int) -> list[int]:
+    """Make validation round ``round_index`` (1-based) raise after scoring ``case_index`` cases."""
+    rounds = []
+    evaluator.add_event_handler(Events.EPOCH_STARTED, lambda e: rounds.append(0))
+
+    def fail(engine):
+        if len(rounds) == round_index and engine.state.iteration == case_index + 1:
+            raise RuntimeError("injected evaluator failure")
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, fail)
+    return rounds
+
+
+def test_continue_skips_the_failed_round(data_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    trainer, saves = _guarded_trainer(data_dir, out, "continue")
+    rounds = _fail_in_round(trainer.evaluator, round_index=2, case_index=1)  # 2nd case of the round at iteration 4
+    with caplog.at_level(logging.ERROR, logger="diffcl_algo.engine"):
+        trainer.run()
+    close_trainer(trainer)
+    assert trainer.state.iteration == 6 and len(rounds) == 3  # training and the later round went on
+    expected = f"Validation at iteration 4 failed on case(s) ['{VAL_CASES[1]}']: RuntimeError: injected evaluator "
+    expected += "failure"
+    assert expected in caplog.text and "round skipped, training continues" in caplog.text
+    assert expected in (out / "train.log").read_text()
+    assert 4 not in saves  # the partial metrics of the failed round were never compared with the best
+    assert saves[0] == 2 and trainer.model_saver.best_iteration in (2, 6)
+    assert load_train_state(out / "train_state.pt")["best_iteration"] == trainer.model_saver.best_iteration
+
+
+def test_raise_stops_training_and_keeps_the_best_model(data_dir, tmp_path):
+    out = tmp_path / "run"
+    trainer, saves = _guarded_trainer(data_dir, out, "raise")
+    _fail_in_round(trainer.evaluator, round_index=2, case_index=0)
+    with pytest.raises(RuntimeError, match=rf"Validation at iteration 4 failed on case\(s\) \['{VAL_CASES[0]}'\]"):
+        trainer.run()
+    close_trainer(trainer)
+    assert saves == [2]
+    best = torch.load(out / "model.pt", weights_only=True)
+    state = load_train_state(out / "train_state.pt")  # the last periodic save, before the failed round
+    assert (state["iteration"], state["best_iteration"]) == (2, 2)
+    for key, value in best.items():  # model.pt is still the model of the best round (iteration 2)
+        assert torch.equal(value, state["cs_network"][key])
+
+
+def test_corrupt_validation_file_found_during_training(data_dir, tmp_path, caplog):
+    """A validation file corrupted after the up-front check: every round fails at loading, naming the case; with
+    "continue" training completes and model.pt falls back to the last weights (no round ever completed)."""
+    out = tmp_path / "run"
+    trainer, saves = _guarded_trainer(data_dir, out, "continue")
+    bad = Path(data_dir) / "2018LA_Seg_Training Set" / VAL_CASES[1] / "mri_norm2.h5"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])  # after build_trainer's up-front check (data#check) passed
+    with caplog.at_level(logging.ERROR, logger="diffcl_algo.engine"):
+        trainer.run()
+    close_trainer(trainer)
+    for iteration in (2, 4, 6):
+        assert f"Validation at iteration {iteration} failed on case(s) ['{VAL_CASES[1]}']" in caplog.text
+    assert "<- caused by OSError: Unable to synchronously open file (truncated file" in caplog.text
+    assert saves == [6] and trainer.model_saver.best_iteration == -1
+
+    bad.write_bytes(good)  # restore it for the up-front check of the next build, then break it again
+    trainer, _ = _guarded_trainer(data_dir, tmp_path / "run2", "raise")
+    bad.write_bytes(good[:300])
+    with pytest.raises(RuntimeError, match=rf"Validation at iteration 2 failed on case\(s\) \['{VAL_CASES[1]}'\]"):
+        trainer.run()
+    close_trainer(trainer)
+    assert not (tmp_path / "run2" / "model.pt").exists()
+
+
+def test_val_error_is_checked():
+    with pytest.raises(ValueError, match=r"val_error must be one of \('raise', 'continue'\), got 'ignore'"):
+        GuardedValidationHandler(interval=2, val_error="ignore")
