@@ -13,6 +13,7 @@ import fire
 
 # command name -> "module:function"
 COMMANDS = {
+    "demo": "diffcl_algo.demo:demo",
     "prepare": "diffcl_algo.data.prepare:prepare",
     "report": "diffcl_algo.report:report",
 }

@@ -231,6 +231,26 @@ def find_bundles(bundles_dir: Union[str, os.PathLike, None] = None) -> Path:
     return path
 
 
+def check_settings(patch_size: Sequence[int], val_interval: int, factor: int = 16) -> None:
+    """Refuse settings that would fail later or silently mean something else (run before any data is read).
+
+    Args:
+        patch_size: training patch; every axis must be divisible by ``factor`` (the V-Net halves it 4 times).
+        val_interval: iterations between validations; 0 means never, a negative value is an error.
+        factor: the network's total downsampling factor.
+
+    Raises:
+        ValueError: naming the setting and the rule it breaks.
+    """
+    if int(val_interval) < 0:
+        raise ValueError(f"val_interval must be >= 0 (0: never validate), got {val_interval}.")
+    if any(int(p) < factor or int(p) % factor for p in patch_size):
+        raise ValueError(
+            f"patch_size {tuple(int(p) for p in patch_size)} must be divisible by {factor} (and >= {factor}) on "
+            f"every axis: the V-Net downsamples {factor.bit_length() - 1} times by 2."
+        )
+
+
 def build_trainer(
     dataset_dir: Optional[str],
     num_labeled: int,
@@ -239,6 +259,7 @@ def build_trainer(
     n_filters: int = 16,
     max_iterations: int = 6000,
     val_interval: int = 200,
+    val_error: str = "raise",
     output_dir: str = "./runs/diffcl",
     dataset: Optional[str] = None,
     datalist: Optional[str] = None,
@@ -294,7 +315,9 @@ def build_trainer(
         strides: sliding-window strides of validation (the paper's per dataset).
         n_filters: V-Net width (paper 16).
         max_iterations: total training iterations.
-        val_interval: validate every ``val_interval`` iterations (``<= 0``: never; ``model.pt`` = last weights).
+        val_interval: validate every ``val_interval`` iterations (0: never, ``model.pt`` = last weights; < 0: error).
+        val_error: a validation round that raises: ``"raise"`` stops training, ``"continue"`` logs it and skips the
+            round (``diffcl_algo.engine.GuardedValidationHandler``).
         output_dir: ``model.pt``, ``train_state.pt``, ``train.log`` and TensorBoard events go here.
         dataset: Table 2 dataset name for the loss weights (``"LA"``, ``"Pancreas"``, ``"BraTS"``; None: defaults).
         datalist, layout, val_list: see ``diffcl_algo.data.build_datalists``; ``val_list`` defaults to the layout's
@@ -340,6 +363,7 @@ def build_trainer(
         n_filters=n_filters,
         max_iterations=max_iterations,
         val_interval=val_interval,
+        val_error=val_error,
         output_dir=str(output_dir),
         dataset_name=dataset,
         datalist=None if datalist is None else str(datalist),

@@ -58,10 +58,6 @@ def _run(wf: ConfigWorkflow) -> None:
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
     monkeypatch.chdir(REPO)  # the bundles' macros name bundles/base/configs/... relative to the working directory
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks; avoids oversubscription slow-downs on shared cores
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

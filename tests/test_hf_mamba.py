@@ -10,15 +10,6 @@ import torch.nn as nn
 from diffcl_algo.networks.hf_mamba import GatedSpatialConv, HFMamba, TriOrientedMamba, high_pass
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool stalls on a shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _checkerboard(shape: tuple[int, ...]) -> torch.Tensor:
     grids = torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")
     return (-1.0) ** sum(grids).double()

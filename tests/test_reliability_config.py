@@ -34,15 +34,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed threads make these tiny runs ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(make_synthetic_dataset(tmp_path_factory.mktemp("cfg") / "la", num_cases=5, shape=(20, 20, 18)))
@@ -80,11 +71,6 @@ def test_non_positive_settings(data_dir, tmp_path, setting, value, match):
     _fails(data_dir, tmp_path, ValueError, match, **{setting: value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_trainer / bundles/base/configs/train.yaml treat val_interval < 0 as 'never'; they need the check "
-    "described in docs/reliability.md (item 3). Remove this marker once it is in.",
-)
 def test_negative_val_interval(data_dir, tmp_path):
     """0 means "never validate" (documented); a negative interval is an error."""
     with pytest.raises(ValueError, match="validation interval must be >= 1, got -1"):
@@ -94,7 +80,7 @@ def test_negative_val_interval(data_dir, tmp_path):
 
 @pytest.mark.parametrize("patch", [(24, 32, 16), (16, 16, 8)])
 def test_patch_not_divisible_by_16(data_dir, tmp_path, patch, monkeypatch):
-    """Raised by the V-Net's input check at the first forward pass, before any optimizer step."""
+    """Raised by ``check_settings`` in the config's ``initialize`` step, before any data is read or step taken."""
     steps = []
     monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: steps.append(a))
     message = _fails(data_dir, tmp_path, ValueError, "divisible by 16", patch_size=patch)

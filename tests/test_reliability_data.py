@@ -41,15 +41,6 @@ SHAPE = (20, 20, 18)
 CASE = "synth_la_000"  # first training case: labeled
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed threads make these tiny runs ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _dataset(root: Path, shape=SHAPE) -> Path:
     return make_synthetic_dataset(root / "la", num_cases=5, shape=shape, seed=0, num_test=1)
 

@@ -20,15 +20,6 @@ from diffcl_algo.metrics import BOTH_EMPTY_VALUES, METRIC_NAMES, volume_diagonal
 SHAPE = (16, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed threads make these tiny runs ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Constant(nn.Module):
     """Predicts one class everywhere: (B, 1, *S) -> logits (B, 2, *S)."""
 

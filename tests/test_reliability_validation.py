@@ -39,33 +39,21 @@ TINY = dict(
 VAL_CASES = ["synth_la_004", "synth_la_005"]  # make_synthetic_dataset's test list (num_test=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, oversubscribed threads make these tiny runs ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def data_dir(tmp_path):
     return make_synthetic_dataset(tmp_path / "la", num_cases=6, shape=(20, 20, 18), seed=0, num_test=2)
 
 
 def _guarded_trainer(data_dir: Path, out: Path, val_error: str):
-    """``build_trainer`` with its validation handler made a ``GuardedValidationHandler(val_error=...)`` in place
-    (same registration order), as long as the bundle config instantiates MONAI's ``ValidationHandler``."""
-    trainer = build_trainer(str(data_dir), output_dir=str(out), **TINY)
+    """``build_trainer`` with ``val_error``; the bundle graph attaches exactly one ``GuardedValidationHandler``."""
+    trainer = build_trainer(str(data_dir), output_dir=str(out), val_error=val_error, **TINY)
     found = []
     for handler, _, _ in trainer._event_handlers[Events.ITERATION_COMPLETED]:
         handler = handler._parent() if hasattr(handler, "_parent") else handler
         if isinstance(handler, ValidationHandler):
-            if not isinstance(handler, GuardedValidationHandler):
-                handler.__class__ = GuardedValidationHandler
-            handler.val_error = val_error
             found.append(handler)
-    assert len(found) == 1
+    assert len(found) == 1 and isinstance(found[0], GuardedValidationHandler)
+    assert found[0].val_error == val_error
     saves = []
     save = trainer.model_saver.save
     trainer.model_saver.save = lambda: (saves.append(trainer.state.iteration), save())

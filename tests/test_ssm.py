@@ -11,16 +11,6 @@ import torch.nn.functional as F
 
 from diffcl_algo.networks.ssm import MAMBA_SSM_AVAILABLE, Mamba, selective_scan, selective_scan_reference
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool stalls on a shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # mamba_ssm.Mamba(d_model=8) (v1, bias=False): named parameters in registration order, with shapes
 MAMBA_SSM_PARAMS_D8 = [
     ("A_log", (16, 16)),
