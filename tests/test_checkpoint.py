@@ -33,6 +33,13 @@ def test_atomic_save_replaces(tmp_path):
     assert torch.load(path, weights_only=True) == {"a": 2}
 
 
+def test_atomic_save_uses_umask_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_save({"a": torch.ones(1)}, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_load_train_state_errors_name_the_path(tmp_path):
     missing = tmp_path / "train_state.pt"
     with pytest.raises(FileNotFoundError, match="train_state.pt"):
