@@ -447,33 +447,15 @@ def evaluate(
     output_dir: PathLike,
     patch_size: Sequence[int],
     strides: Union[Sequence[int], int],
-    device: Union[str, torch.device] = "cpu",
-    sw_batch_size: int = 1,
-    use_spacing: bool = False,
-    spacing: float | Sequence[float] | None = None,
-    save_predictions: bool = True,
-    num_workers: int = 0,
+    **options: Any,
 ) -> dict[str, Any]:
     """Evaluate an in-memory CS network on ``datalist`` (the bundle's ``evaluating`` workflow without YAML).
 
-    Arguments as in :func:`build_evaluator`.
+    Arguments and keyword ``options`` as in :func:`build_evaluator`.
 
     Returns:
         The ``metrics_summary.json`` content plus ``"output_dir"``.
     """
-    evaluator = build_evaluator(
-        net,
-        datalist,
-        output_dir,
-        patch_size,
-        strides,
-        device=device,
-        sw_batch_size=sw_batch_size,
-        use_spacing=use_spacing,
-        spacing=spacing,
-        save_predictions=save_predictions,
-        num_workers=num_workers,
-    )
-    evaluator.run()
+    build_evaluator(net, datalist, output_dir, patch_size, strides, **options).run()
     summary = json.loads((Path(output_dir) / SUMMARY_JSON).read_text())
     return {**summary, "output_dir": str(output_dir)}

@@ -7,31 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.data import make_synthetic_dataset
 from diffcl_algo.engine import GuardedValidationHandler
 from diffcl_algo.schedules import resolve_hyperparams
 from diffcl_algo.training import train
 
-TINY = dict(
-    num_labeled=2,
-    patch_size=(16, 16, 16),
-    strides=(8, 8, 8),
-    n_filters=4,
-    device="cpu",
-    progress=False,
-    use_hfm=False,
-    cl_num_anchors=8,
-    cl_num_unlabeled=128,
-    cl_top_k=16,
-    bank_samples_per_class=32,
-    head_dim=8,
-    labeled_batch_size=1,
-    unlabeled_batch_size=1,
-    max_iterations=2,
-    val_interval=0,
-    ckpt_interval=1,
-)
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

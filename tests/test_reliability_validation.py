@@ -11,31 +11,14 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.handlers import ValidationHandler
+from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.checkpoint import load_train_state
 from diffcl_algo.data import make_synthetic_dataset
 from diffcl_algo.engine import GuardedValidationHandler
 from diffcl_algo.training import build_trainer, close_trainer
 
-TINY = dict(
-    num_labeled=2,
-    patch_size=(16, 16, 16),
-    strides=(8, 8, 8),
-    n_filters=4,
-    device="cpu",
-    progress=False,
-    use_hfm=False,
-    cl_num_anchors=8,
-    cl_num_unlabeled=128,
-    cl_top_k=16,
-    bank_samples_per_class=32,
-    head_dim=8,
-    labeled_batch_size=1,
-    unlabeled_batch_size=1,
-    max_iterations=6,
-    val_interval=2,
-    ckpt_interval=2,
-)
+TINY = dict(TINY_TRAIN, max_iterations=6, val_interval=2, ckpt_interval=2)
 VAL_CASES = ["synth_la_004", "synth_la_005"]  # make_synthetic_dataset's test list (num_test=2)
 
 
