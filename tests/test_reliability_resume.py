@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.checkpoint import atomic_save, load_train_state, resume
 from diffcl_algo.data import make_synthetic_dataset
@@ -23,20 +24,11 @@ TRAIN = (
     "import json, sys, torch; torch.set_num_threads(1); "
     "from diffcl_algo.training import train; train(**json.loads(sys.argv[1]))"
 )
-TINY = dict(
-    num_labeled=2,
+TINY = dict(  # HF-Mamba on (it needs 32 voxels along one axis), so the resume covers its Mamba state too
+    TINY_TRAIN,
     patch_size=[32, 32, 16],
     strides=[16, 16, 8],
-    n_filters=4,
-    device="cpu",
-    progress=False,
-    cl_num_anchors=8,
-    cl_num_unlabeled=128,
-    cl_top_k=16,
-    bank_samples_per_class=32,
-    head_dim=8,
-    labeled_batch_size=1,
-    unlabeled_batch_size=1,
+    use_hfm=True,
     num_workers=0,
     seed=0,
     max_iterations=10,
