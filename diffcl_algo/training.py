@@ -39,6 +39,7 @@ from diffcl_algo.schedules import DiffCLHyperParams
 
 __all__ = [
     "attach_file_logger",
+    "check_settings",
     "build_networks",
     "build_trainer",
     "close_trainer",
