@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_settings import SMALL_TRAIN
 
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 
@@ -30,23 +31,7 @@ def _worker(rank: int, port: int, data_dir: str, out_dir: str, result_dir: str) 
     from diffcl_algo.checkpoint import unwrap
     from diffcl_algo.training import build_trainer, close_trainer
 
-    trainer = build_trainer(
-        data_dir,
-        num_labeled=2,
-        patch_size=(32, 32, 16),
-        strides=(16, 16, 8),
-        n_filters=4,
-        max_iterations=2,
-        val_interval=2,
-        output_dir=out_dir,
-        device="cpu",
-        progress=False,
-        cl_num_anchors=16,
-        cl_num_unlabeled=512,
-        cl_top_k=32,
-        bank_samples_per_class=64,
-        head_dim=16,
-    )
+    trainer = build_trainer(data_dir, max_iterations=2, val_interval=2, output_dir=out_dir, **SMALL_TRAIN)
     trainer.run()
     close_trainer(trainer)
     result = {"val_mean_dice": torch.tensor(trainer.evaluator.state.metrics["val_mean_dice"])}

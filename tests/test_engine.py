@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from tiny_settings import SMALL_TRAIN
 
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms
@@ -16,21 +17,8 @@ from diffcl_algo.engine import LOSS_KEYS, IterationBatchDataset
 from diffcl_algo.networks.hf_mamba import HFMamba
 from diffcl_algo.training import build_trainer, close_trainer, train
 
-PATCH = (32, 32, 16)
-SMALL = dict(
-    num_labeled=2,
-    patch_size=PATCH,
-    strides=(16, 16, 8),
-    n_filters=4,
-    device="cpu",
-    progress=False,
-    cl_num_anchors=16,
-    cl_num_unlabeled=512,
-    cl_top_k=32,
-    bank_samples_per_class=64,
-    head_dim=16,
-    val_interval=0,
-)
+PATCH = SMALL_TRAIN["patch_size"]
+SMALL = dict(SMALL_TRAIN, val_interval=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,29 @@
-"""Training arguments small enough for CPU tests (16^3 patches, 4 filters, batch 1 + 1), shared by the tests."""
+"""Training arguments small enough for CPU tests, shared by the tests.
+
+``SMALL_TRAIN``: 32x32x16 patches (HF-Mamba fits), 4 filters, the default 2 + 2 batch.
+``TINY_TRAIN``: 16^3 patches without HF-Mamba, batch 1 + 1, 2 iterations, no validation.
+"""
 
 from __future__ import annotations
 
-TINY_TRAIN = dict(
+SMALL_TRAIN = dict(
     num_labeled=2,
-    patch_size=(16, 16, 16),
-    strides=(8, 8, 8),
+    patch_size=(32, 32, 16),
+    strides=(16, 16, 8),
     n_filters=4,
     device="cpu",
     progress=False,
+    cl_num_anchors=16,
+    cl_num_unlabeled=512,
+    cl_top_k=32,
+    bank_samples_per_class=64,
+    head_dim=16,
+)
+
+TINY_TRAIN = dict(
+    SMALL_TRAIN,
+    patch_size=(16, 16, 16),
+    strides=(8, 8, 8),
     use_hfm=False,  # HF-Mamba at stage 5 needs patches of at least 32 along some axis
     cl_num_anchors=8,
     cl_num_unlabeled=128,
