@@ -14,6 +14,7 @@ import fire
 # command name -> "module:function"
 COMMANDS = {
     "demo": "diffcl_algo.demo:demo",
+    "package": "diffcl_algo.package:package",
     "prepare": "diffcl_algo.data.prepare:prepare",
     "report": "diffcl_algo.report:report",
 }

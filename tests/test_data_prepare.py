@@ -24,6 +24,7 @@ from diffcl_algo.data import (
     read_case_list,
     validate_cases,
 )
+from diffcl_algo.data.prepare import rescale_case
 from diffcl_algo.data.writers import write_h5
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +192,39 @@ def test_prepare_la_report(tmp_path):
     assert json.loads((tmp_path / "report" / "la_report.json").read_text()) == report
     with pytest.raises(DataError, match="refusing to overwrite"):
         prepare("la", root, tmp_path / "report")
+
+
+def test_rescale_case_area_and_majority_label():
+    image = np.arange(4 * 4 * 2, dtype=np.float32).reshape(4, 4, 2)
+    label = np.zeros((4, 4, 2), np.uint8)
+    label[:2, :2, :] = 1  # one full 2x2x2 block -> one foreground voxel
+    label[2, 2, 0] = 1  # 1 of 8 voxels of another block -> background
+    small_image, small_label = rescale_case(image, label, 0.5, 2)
+    assert small_image.shape == small_label.shape == (2, 2, 1)
+    np.testing.assert_allclose(small_image[0, 0, 0], image[:2, :2, :].mean())
+    assert small_label.dtype == np.uint8 and small_label.tolist() == [[[1], [0]], [[0], [0]]]
+
+
+def test_prepare_la_half_resolution_copy(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "LA", num_cases=3, shape=(16, 20, 12), num_test=1)
+    dst = tmp_path / "half"
+    report = prepare("la", root, dst, scale=0.5)
+    assert report["scale"] == 0.5
+    train = build_datalists(dst, list_name="train.list", layout="la")[0]
+    test = build_datalists(dst, list_name="test.list", layout="la")[0]
+    assert [e["case"] for e in train + test] == read_case_list(root / "train.list") + read_case_list(root / "test.list")
+    for entry in train + test:
+        with h5py.File(entry["image"]) as f, h5py.File(root / Path(entry["image"]).relative_to(dst)) as g:
+            assert f["image"].shape == f["label"].shape == (8, 10, 6)
+            np.testing.assert_allclose(f.attrs["spacing"], [1.25] * 3)
+            assert abs(f["label"][()].mean() - g["label"][()].mean()) < 0.05  # foreground fraction kept
+    assert [i["shape"] for i in validate_cases(train + test)] == [(8, 10, 6)] * 3
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        prepare("la", root, dst, scale=0.5)
+    with pytest.raises(DataError, match="needs --dst"):
+        prepare("la", root, scale=0.5)
+    with pytest.raises(DataError, match=r"\(0, 1\]"):
+        prepare("la", root, tmp_path / "x", scale=2)
 
 
 def test_cli_prepare_brats(tmp_path):

@@ -13,7 +13,7 @@ LN, SM and MLP act on the ``L = prod(spatial)`` voxels as tokens of width ``C``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from diffcl_algo.networks.ssm import Mamba
 __all__ = ["GatedSpatialConv", "HFMamba", "TriOrientedMamba", "high_pass"]
 
 
-def _high_pass_mask(spatial_shape: Sequence[int], hf: float, device: torch.device | None = None) -> torch.Tensor:
+def _high_pass_mask(spatial_shape: List[int], hf: float, device: Optional[torch.device] = None) -> torch.Tensor:
     """Boolean pass-band of the HPF on the *centred* (fftshift-ed) spectrum, shape ``spatial_shape``.
 
     Along an axis of size ``n``, centred index ``k`` (0..n-1) holds the integer frequency ``f = k - n // 2``
@@ -33,7 +33,7 @@ def _high_pass_mask(spatial_shape: Sequence[int], hf: float, device: torch.devic
     ``nu = -1``) and over ``[-(n-1)/n, (n-1)/n]`` for odd ``n``. A coefficient passes iff
     ``max_i |nu_i| > 1 - hf``. The band is symmetric under ``f -> -f``, so the filtered signal stays real.
     """
-    radius = torch.zeros((), device=device)
+    radius = torch.zeros([], dtype=torch.float64, device=device)
     for axis, n in enumerate(spatial_shape):
         nu = (torch.arange(n, device=device, dtype=torch.float64) - n // 2).abs() * (2.0 / n)
         view = [1] * len(spatial_shape)
@@ -56,10 +56,10 @@ def high_pass(x: torch.Tensor, hf: float) -> torch.Tensor:
     Returns:
         Filtered features, (B, C, *spatial), ``x``'s dtype (float16/bfloat16 are filtered in float32).
     """
-    axes = tuple(range(2, x.dim()))
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    axes = list(range(2, x.dim()))
+    xf = x.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else x
     spectrum = torch.fft.fftshift(torch.fft.fftn(xf, dim=axes), dim=axes)  # F_g, centred
-    spectrum = spectrum * _high_pass_mask(x.shape[2:], hf, x.device)
+    spectrum = spectrum * _high_pass_mask(list(x.shape[2:]), hf, x.device)
     out = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=axes), dim=axes).real
     return out.to(x.dtype)
 
@@ -122,13 +122,13 @@ class TriOrientedMamba(nn.Module):
         self.mamba_backward = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand)
         self.mamba_slice = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand)
 
-    def forward(self, tokens: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, spatial_shape: List[int]) -> torch.Tensor:
         """tokens (B, L, C) with L = prod(spatial_shape), C-order -> (B, L, C)."""
-        batch, length, channels = tokens.shape
+        batch, length, channels = tokens.shape[0], tokens.shape[1], tokens.shape[2]
         axis = 1 + self.slice_axis % len(spatial_shape)
         out = self.mamba_forward(tokens) + self.mamba_backward(tokens.flip(1)).flip(1)
-        interleaved = tokens.unflatten(1, tuple(spatial_shape)).movedim(axis, -2)  # (B, *other, S_axis, C)
-        moved_shape = interleaved.shape[1:-1]
+        interleaved = tokens.unflatten(1, list(spatial_shape)).movedim(axis, -2)  # (B, *other, S_axis, C)
+        moved_shape = list(interleaved.shape[1:-1])
         scanned = self.mamba_slice(interleaved.reshape(batch, length, channels))
         return out + scanned.unflatten(1, moved_shape).movedim(-2, axis).reshape(batch, length, channels)
 
@@ -179,7 +179,7 @@ class HFMamba(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """f (B, C, *spatial) -> F_o (B, C, *spatial) (eq. 10)."""
-        spatial = f.shape[2:]
+        spatial = list(f.shape[2:])
         f_h = high_pass(self.sa(f), self.hf)  # F_g, F_h
         tokens = f_h.flatten(2).transpose(1, 2)  # (B, L, C)
         f_m = self.sm(self.norm1(tokens), spatial) + tokens

@@ -24,12 +24,16 @@ never ``exp`` of a positive cumulative sum, so large ``delta`` cannot overflow (
 backward pass runs the same two-level scheme in reverse on the adjoint ``lam_l = dL/dh_l + a_{l+1} lam_{l+1}``
 and accumulates the gradients of ``delta``, ``A``, ``delta * u``, ``B`` and ``C`` slab by slab; bias, softplus,
 ``D u`` and ``silu(z)`` are ordinary autograd, so every input gets its gradient (first order only).
+
+TorchScript: ``torch.jit.script`` of ``Mamba`` (and of the networks using it, e.g. a bundle's ``ckpt_export``)
+compiles the portable path only; without gradients it runs the same forward code (``_scan_forward``) as the eager
+scan, so the outputs are identical, and with gradients an autograd form of it (``_scan_forward_differentiable``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,6 +52,106 @@ _causal_conv1d_fn, CAUSAL_CONV1D_AVAILABLE = optional_import("causal_conv1d", na
 def _at(t_mat: torch.Tensor, t: int) -> torch.Tensor:
     """Slab ``t`` of a B/C operand whose time dimension is ``T`` or 1 (time-invariant)."""
     return t_mat[t] if t_mat.shape[0] > 1 else t_mat[0]
+
+
+def _decay(delta: torch.Tensor, A: torch.Tensor, t: int) -> torch.Tensor:
+    """``a_l = exp(delta_l A)`` of slab ``t``."""
+    return torch.exp(delta[t].unsqueeze(-1) * A)
+
+
+def _drive(delta_u: torch.Tensor, B: torch.Tensor, t: int) -> torch.Tensor:
+    """``x_l = delta_l u_l B_l`` of slab ``t``."""
+    return delta_u[t].unsqueeze(-1) * _at(B, t)
+
+
+def _chunk_carries(delta: torch.Tensor, A: torch.Tensor, delta_u: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``carry[c]``, the true state just before chunk ``c`` (nc, batch, dim, N), from each chunk's local scan.
+
+    No in-place writes, so autograd (TorchScript's included) can differentiate it.
+    """
+    n_steps, n_chunks = delta.shape[0], delta.shape[1]
+    local = _drive(delta_u, B, 0)
+    for t in range(1, n_steps):
+        local = torch.addcmul(_drive(delta_u, B, t), _decay(delta, A, t), local)
+    chunk_decay = torch.exp(delta.sum(0).unsqueeze(-1) * A)
+    carries = [torch.zeros_like(local[0])]
+    for c in range(1, n_chunks):
+        carries.append(torch.addcmul(local[c - 1], chunk_decay[c - 1], carries[c - 1]))
+    return torch.stack(carries)
+
+
+def _scan_forward(
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    delta_u: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    last_t: int,
+    last_c: int,
+    keep_states: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Forward pass of the chunked scan (operands as in ``_SelectiveScanCore``); TorchScript-compatible.
+
+    Returns ``y`` (T, nc, batch, dim), the state at step ``(last_t, last_c)`` (batch, dim, N) and, when
+    ``keep_states``, every state ``h`` (T, nc, batch, dim, N) (else ``None``: one slab of states alive at a time).
+    """
+    n_steps, n_chunks = delta.shape[0], delta.shape[1]
+    h: Optional[torch.Tensor] = None
+    if keep_states:
+        h = delta.new_empty(list(delta.shape) + [A.shape[1]])
+    y = torch.empty_like(delta)
+    state: Optional[torch.Tensor] = None  # the state before slab t of every chunk
+    if n_chunks > 1:
+        state = _chunk_carries(delta, A, delta_u, B)
+    last_state = y.new_empty(0)
+    for t in range(n_steps):
+        if h is None:
+            if state is None:
+                state = _drive(delta_u, B, 0)
+            else:
+                state = torch.addcmul(_drive(delta_u, B, t), _decay(delta, A, t), state)
+        else:
+            out = h[t]
+            if state is None:
+                out.copy_(_drive(delta_u, B, 0))
+            else:
+                torch.addcmul(_drive(delta_u, B, t), _decay(delta, A, t), state, out=out)
+            state = out
+        torch.sum(state * _at(C, t), dim=-1, out=y[t])
+        if t == last_t:
+            last_state = state[last_c].clone()
+    return y, last_state, h
+
+
+def _scan_forward_differentiable(
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    delta_u: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    last_t: int,
+    last_c: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``_scan_forward`` without in-place writes, so that autograd (TorchScript's included) differentiates it.
+
+    Used by TorchScript when a gradient is needed (eager uses ``_SelectiveScanCore``'s hand-written backward).
+    Same recurrence and chunking, so the same values up to rounding; returns ``y`` and the last state.
+    """
+    n_steps, n_chunks = delta.shape[0], delta.shape[1]
+    state: Optional[torch.Tensor] = None
+    if n_chunks > 1:
+        state = _chunk_carries(delta, A, delta_u, B)
+    ys: List[torch.Tensor] = []
+    last_state = delta.new_empty(0)
+    for t in range(n_steps):
+        if state is None:
+            state = _drive(delta_u, B, 0)
+        else:
+            state = torch.addcmul(_drive(delta_u, B, t), _decay(delta, A, t), state)
+        ys.append(torch.sum(state * _at(C, t), dim=-1))
+        if t == last_t:
+            last_state = state[last_c].detach().clone()
+    return torch.stack(ys), last_state
 
 
 class _SelectiveScanCore(torch.autograd.Function):
@@ -71,35 +175,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         last: tuple[int, int],
         keep_states: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_steps, n_chunks = delta.shape[:2]
-        h = delta.new_empty(*delta.shape, A.shape[1]) if keep_states else None
-        y = torch.empty_like(delta)
-
-        def decay(t: int) -> torch.Tensor:
-            return torch.exp(delta[t].unsqueeze(-1) * A)
-
-        def drive(t: int) -> torch.Tensor:
-            return delta_u[t].unsqueeze(-1) * _at(B, t)
-
-        carry = None  # carry[c]: state just before chunk c
-        if n_chunks > 1:
-            local = drive(0)
-            for t in range(1, n_steps):
-                local = torch.addcmul(drive(t), decay(t), local)
-            chunk_decay = torch.exp(delta.sum(0).unsqueeze(-1) * A)
-            carry = torch.zeros_like(local)
-            for c in range(1, n_chunks):
-                torch.addcmul(local[c - 1], chunk_decay[c - 1], carry[c - 1], out=carry[c])
-        state = carry
-        for t in range(n_steps):
-            out = None if h is None else h[t]
-            if state is None:
-                state = drive(0) if out is None else out.copy_(drive(0))
-            else:
-                state = torch.addcmul(drive(t), decay(t), state, out=out)
-            torch.sum(state * _at(C, t), dim=-1, out=y[t])
-            if t == last[0]:
-                last_state = state[last[1]].clone()
+        y, last_state, h = _scan_forward(delta, A, delta_u, B, C, last[0], last[1], keep_states)
         if keep_states:
             ctx.save_for_backward(delta, A, delta_u, B, C, h)
         ctx.mark_non_differentiable(last_state)
@@ -164,40 +240,49 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _check_bc(name: str, t: torch.Tensor, batch: int, dim: int, n_state: int, length: int) -> None:
+    """``B`` / ``C`` must be (dim, N), (batch, N, L) or (batch, G, N, L) with G | dim."""
+    shape = list(t.shape)
+    ok = (
+        shape == [dim, n_state]
+        or shape == [batch, n_state, length]
+        or (len(shape) == 4 and shape[0] == batch and shape[2:] == [n_state, length] and dim % shape[1] == 0)
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be (dim, N), (batch, N, L) or (batch, groups, N, L) with groups | dim; "
+            f"got {_shape_str(shape)}."
+        )
+
+
+def _shape_str(shape: List[int]) -> str:
+    """``(a, b, c)``: a shape as Python prints a tuple (TorchScript-compatible)."""
+    return "(" + ", ".join([str(s) for s in shape]) + ")"
+
+
 def _prepare(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    delta_bias: torch.Tensor | None,
+    delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate shapes and return ``(u, delta)`` in the compute dtype, ``delta`` with bias and softplus applied."""
     if A.is_complex():
         raise NotImplementedError("selective_scan: only real A is supported (as used by Mamba).")
-    if u.dim() != 3 or delta.shape != u.shape or u.shape[-1] == 0:
-        raise ValueError(f"u, delta must be equal (batch, dim, L>0), got {tuple(u.shape)}, {tuple(delta.shape)}.")
-    batch, dim, length = u.shape
-    if A.shape[0] != dim or A.dim() != 2:
-        raise ValueError(f"A must be (dim={dim}, N), got {tuple(A.shape)}.")
-    n_state = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        ok = (
-            (t.dim() == 2 and tuple(t.shape) == (dim, n_state))
-            or (t.dim() == 3 and tuple(t.shape) == (batch, n_state, length))
-            or (
-                t.dim() == 4
-                and t.shape[0] == batch
-                and tuple(t.shape[2:]) == (n_state, length)
-                and dim % t.shape[1] == 0
-            )
+    if u.dim() != 3 or list(delta.shape) != list(u.shape) or u.shape[-1] == 0:
+        raise ValueError(
+            f"u, delta must be equal (batch, dim, L>0), got {_shape_str(list(u.shape))}, "
+            f"{_shape_str(list(delta.shape))}."
         )
-        if not ok:
-            raise ValueError(
-                f"{name} must be (dim, N), (batch, N, L) or (batch, groups, N, L) with groups | dim; "
-                f"got {tuple(t.shape)}."
-            )
+    batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim={dim}, N), got {_shape_str(list(A.shape))}.")
+    n_state = A.shape[1]
+    _check_bc("B", B, batch, dim, n_state, length)
+    _check_bc("C", C, batch, dim, n_state, length)
     ct = _compute_dtype(u.dtype)
     u = u.to(ct)
     delta = delta.to(ct)
@@ -206,6 +291,84 @@ def _prepare(
     if delta_softplus:
         delta = F.softplus(delta)
     return u, delta
+
+
+def _to_chunks(t: torch.Tensor, n_chunks: int, steps: int) -> torch.Tensor:
+    """(..., L) -> (T, n_chunks, ...), contiguous; padded steps are zero (decay 1, input 0)."""
+    pad = n_chunks * steps - t.shape[-1]
+    if pad > 0:
+        t = F.pad(t, [0, pad])
+    return t.reshape(list(t.shape[:-1]) + [n_chunks, steps]).movedim([-1, -2], [0, 1]).contiguous()
+
+
+def _chunk_bc(t: torch.Tensor, n_chunks: int, steps: int, dim: int, ct: torch.dtype) -> torch.Tensor:
+    """B or C -> (T or 1, n_chunks or 1, batch or 1, dim or 1, N)."""
+    t = t.to(ct)
+    if t.dim() == 2:
+        return t[None, None, None]
+    if t.dim() == 3:
+        return _to_chunks(t, n_chunks, steps).unsqueeze(-2)
+    return _to_chunks(t, n_chunks, steps).repeat_interleave(dim // t.shape[1], dim=-2)
+
+
+def _ceil_sqrt(n: int) -> int:
+    """``ceil(sqrt(n))`` for ``n >= 1``, exact (TorchScript has no ``math.isqrt``)."""
+    root = int(math.sqrt(n))
+    while root * root < n:
+        root += 1
+    while root > 1 and (root - 1) * (root - 1) >= n:
+        root -= 1
+    return root
+
+
+def _selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    chunk_size: Optional[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``selective_scan`` returning ``(out, last_state)``; TorchScript-compatible.
+
+    Eager: ``_SelectiveScanCore`` (hand-written backward). TorchScript (``torch.jit.script`` of a ``Mamba``,
+    e.g. a bundle's ``ckpt_export``), which cannot compile an ``autograd.Function``: the same forward computation
+    (``_scan_forward``, identical results) when no gradient is needed, else ``_scan_forward_differentiable``
+    (ordinary autograd, which keeps every intermediate: far more memory than the eager backward).
+    """
+    dtype_in = u.dtype
+    u, delta = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    ct = u.dtype
+    batch, dim, length = u.shape[0], u.shape[1], u.shape[2]
+    steps = chunk_size if chunk_size is not None else _ceil_sqrt(length)
+    if steps < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {steps}.")
+    n_chunks = (length + steps - 1) // steps
+    delta_c = _to_chunks(delta, n_chunks, steps)
+    a_c = A.to(ct)
+    delta_u = _to_chunks(delta * u, n_chunks, steps)
+    b_c = _chunk_bc(B, n_chunks, steps, dim, ct)
+    c_c = _chunk_bc(C, n_chunks, steps, dim, ct)
+    needs_grad = torch.is_grad_enabled() and (
+        delta_c.requires_grad or a_c.requires_grad or delta_u.requires_grad or b_c.requires_grad or c_c.requires_grad
+    )
+    last_t, last_c = (length - 1) % steps, (length - 1) // steps
+    if torch.jit.is_scripting():
+        if needs_grad:
+            y, last_state = _scan_forward_differentiable(delta_c, a_c, delta_u, b_c, c_c, last_t, last_c)
+        else:
+            y, last_state, _ = _scan_forward(delta_c, a_c, delta_u, b_c, c_c, last_t, last_c, False)
+    else:
+        y, last_state = _SelectiveScanCore.apply(delta_c, a_c, delta_u, b_c, c_c, (last_t, last_c), needs_grad)
+    y = y.movedim([0, 1], [-1, -2]).reshape(batch, dim, n_chunks * steps)[..., :length]
+    out = y if D is None else y + u * D.to(ct)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    return out.to(dtype_in), last_state
 
 
 def selective_scan(
@@ -247,39 +410,7 @@ def selective_scan(
     Complex ``A`` is not supported. Memory: autograd keeps the states, one tensor of ``batch * dim * N * L``
     elements (the CUDA kernel of ``mamba_ssm`` recomputes them instead); no double backward.
     """
-    dtype_in = u.dtype
-    u, delta = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    ct = u.dtype
-    batch, dim, length = u.shape
-    steps = chunk_size if chunk_size is not None else math.isqrt(length - 1) + 1  # ceil(sqrt(L))
-    if steps < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    n_chunks = -(-length // steps)
-    pad = n_chunks * steps - length
-
-    def to_chunks(t: torch.Tensor) -> torch.Tensor:
-        """(..., L) -> (T, n_chunks, ...), contiguous; padded steps are zero (decay 1, input 0)."""
-        t = F.pad(t, (0, pad)) if pad else t
-        return t.reshape(*t.shape[:-1], n_chunks, steps).movedim((-1, -2), (0, 1)).contiguous()
-
-    def chunk_bc(t: torch.Tensor) -> torch.Tensor:
-        """B or C -> (T or 1, n_chunks or 1, batch or 1, dim or 1, N)."""
-        t = t.to(ct)
-        if t.dim() == 2:
-            return t[None, None, None]
-        if t.dim() == 3:
-            return to_chunks(t).unsqueeze(-2)
-        return to_chunks(t).repeat_interleave(dim // t.shape[1], dim=-2)
-
-    operands = (to_chunks(delta), A.to(ct), to_chunks(delta * u), chunk_bc(B), chunk_bc(C))
-    keep_states = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
-    last = ((length - 1) % steps, (length - 1) // steps)
-    y, last_state = _SelectiveScanCore.apply(*operands, last, keep_states)
-    y = y.movedim((0, 1), (-1, -2)).reshape(batch, dim, n_chunks * steps)[..., :length]
-    out = y if D is None else y + u * D.to(ct)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(ct))
-    out = out.to(dtype_in)
+    out, last_state = _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
     if return_last_state:
         return out, last_state
     return out
@@ -419,28 +550,51 @@ class Mamba(nn.Module):
         seqlen = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        use_kernels = self.use_kernels and hidden_states.is_cuda
-        if use_kernels and CAUSAL_CONV1D_AVAILABLE:
+        # mamba_ssm / causal_conv1d kernels: eager with CUDA inputs; TorchScript compiles the portable path alone
+        if torch.jit.is_scripting():
+            x = self._conv(x, seqlen)
+        elif self.use_kernels and x.is_cuda and CAUSAL_CONV1D_AVAILABLE:
             x = _causal_conv1d_fn(
                 x=x.contiguous(), weight=self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu"
             )
         else:
-            x = self.act(self.conv1d(x)[..., :seqlen])
+            x = self._conv(x, seqlen)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2 d_state)
         dt, b_mat, c_mat = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, L), bias added in the scan
         b_mat = b_mat.transpose(1, 2).contiguous()  # (batch, d_state, L)
         c_mat = c_mat.transpose(1, 2).contiguous()
-        scan = _cuda_selective_scan_fn if use_kernels and MAMBA_SSM_AVAILABLE else selective_scan
-        y = scan(
-            x.contiguous(),
-            dt.contiguous(),
-            -torch.exp(self.A_log.float()),
-            b_mat,
-            c_mat,
-            self.D.float(),
-            z=z.contiguous(),
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-        )
+        x, dt, z, a_mat = x.contiguous(), dt.contiguous(), z.contiguous(), -torch.exp(self.A_log.float())
+        if torch.jit.is_scripting():
+            y = self._scan(x, dt, a_mat, b_mat, c_mat, z)
+        elif self.use_kernels and x.is_cuda and MAMBA_SSM_AVAILABLE:
+            y = _cuda_selective_scan_fn(
+                x,
+                dt,
+                a_mat,
+                b_mat,
+                c_mat,
+                self.D.float(),
+                z=z,
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+            )
+        else:
+            y = self._scan(x, dt, a_mat, b_mat, c_mat, z)
         return self.out_proj(y.transpose(1, 2))
+
+    def _conv(self, x: torch.Tensor, seqlen: int) -> torch.Tensor:
+        """Causal depthwise convolution + SiLU (portable)."""
+        return self.act(self.conv1d(x)[..., :seqlen])
+
+    def _scan(
+        self,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        a_mat: torch.Tensor,
+        b_mat: torch.Tensor,
+        c_mat: torch.Tensor,
+        z: torch.Tensor,
+    ) -> torch.Tensor:
+        """Portable selective scan with ``D``, gate ``z``, ``delta_bias = dt_proj.bias`` and softplus."""
+        return _selective_scan(x, dt, a_mat, b_mat, c_mat, self.D.float(), z, self.dt_proj.bias.float(), True, None)[0]

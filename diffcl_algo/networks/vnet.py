@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ __all__ = ["VNet", "ConvBlock", "DownsamplingConvBlock", "UpsamplingDeconvBlock"
 NORMS = ("batch", "instance", "group", "none")
 # the field's GroupNorm uses 16 groups; gcd(16, channels) keeps small n_filters valid and equals 16 when n_filters=16
 GROUP_NORM_GROUPS = 16
+
+
+def _shape_str(shape: List[int]) -> str:
+    """``(a, b, c)``: a shape as Python prints a tuple (TorchScript-compatible)."""
+    return "(" + ", ".join([str(s) for s in shape]) + ")"
 
 
 def _norm(norm: str, spatial_dims: int, channels: int) -> list[nn.Module]:
@@ -73,8 +79,7 @@ class ConvBlock(nn.Module):
                 ops.append(Act[Act.RELU](inplace=True))
         self.conv = nn.Sequential(*ops)
         self.residual = residual
-        if residual:
-            self.relu = Act[Act.RELU](inplace=True)
+        self.relu = Act[Act.RELU](inplace=True)  # used when residual (no parameters; always present for TorchScript)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.residual:
@@ -134,6 +139,9 @@ class VNet(nn.Module):
       ``emb_layers`` form); used for the DS timestep conditioning.
     - ``spatial_dims`` 2 or 3 (the field is 3D only), via MONAI's layer factories.
     - group norm uses ``gcd(16, channels)`` groups (the field: 16).
+
+    The network (HF-Mamba included) compiles with ``torch.jit.script`` (the bundles' ``ckpt_export``); the scripted
+    module gives the eager output and keeps the input checks.
 
     Parameter counts (``in_channels=1, out_channels=2, n_filters=16``, no HF-Mamba, no FiLM; checked against a
     line-by-line replica of the field's ``VNet``, which gives the same numbers):
@@ -216,43 +224,59 @@ class VNet(nn.Module):
         )
         self.film = nn.ModuleList(nn.Linear(cond_dim, 2 * c) for c in stage_channels) if cond_dim is not None else None
 
-    def _check_input(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+    def _check_input(self, x: torch.Tensor, cond: Optional[torch.Tensor]) -> None:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"VNet expects input (B, {self.in_channels}, *S) with {self.spatial_dims} spatial dims, "
-                f"got shape {tuple(x.shape)}"
+                f"got shape {_shape_str(list(x.shape))}"
             )
-        spatial = tuple(x.shape[2:])
-        if any(s % 16 for s in spatial):
-            raise ValueError(f"VNet needs every spatial size divisible by 16 (4 stride-2 downsamplings), got {spatial}")
-        for stage in self.hfm if self.training else ():  # HF-Mamba's instance norm needs > 1 voxel in training
-            stage_shape = tuple(s // 2 ** (int(stage) - 1) for s in spatial)
-            if math.prod(stage_shape) <= 1:
+        spatial = list(x.shape[2:])
+        for s in spatial:
+            if s % 16 != 0:
                 raise ValueError(
-                    f"VNet with HF-Mamba at encoder stage {stage} needs more than one voxel there in training: input "
-                    f"{spatial} gives {stage_shape}; use at least {2 ** int(stage)} voxels along one axis"
+                    "VNet needs every spatial size divisible by 16 (4 stride-2 downsamplings), "
+                    f"got {_shape_str(spatial)}"
                 )
-        if self.film is None and cond is not None:
-            raise ValueError("cond was given but this VNet was built with cond_dim=None")
-        if self.film is not None and (cond is None or cond.shape != (x.shape[0], self.cond_dim)):
-            got = None if cond is None else tuple(cond.shape)
-            raise ValueError(f"VNet built with cond_dim={self.cond_dim} needs cond of shape (B, cond_dim), got {got}")
+        if self.training:  # HF-Mamba's instance norm needs > 1 voxel in training
+            for stage in self.hfm.keys():
+                stage_shape = [s // (1 << (int(stage) - 1)) for s in spatial]
+                voxels = 1
+                for s in stage_shape:
+                    voxels *= s
+                if voxels <= 1:
+                    raise ValueError(
+                        f"VNet with HF-Mamba at encoder stage {stage} needs more than one voxel there in training: "
+                        f"input {_shape_str(spatial)} gives {_shape_str(stage_shape)}; use at least "
+                        f"{1 << int(stage)} voxels along one axis"
+                    )
+        cond_dim = self.cond_dim
+        if cond_dim is None:
+            if cond is not None:
+                raise ValueError("cond was given but this VNet was built with cond_dim=None")
+        elif cond is None or cond.dim() != 2 or cond.shape[0] != x.shape[0] or cond.shape[1] != cond_dim:
+            got = "None" if cond is None else _shape_str(list(cond.shape))
+            raise ValueError(f"VNet built with cond_dim={cond_dim} needs cond of shape (B, cond_dim), got {got}")
 
-    def _stage(self, index: int, block: nn.Module, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-        """Encoder stage ``index`` (1..5): conv block, then FiLM (if conditioned), then HF-Mamba (if placed)."""
-        h = block(h)
-        if emb is not None:
-            scale, shift = self.film[index - 1](emb).chunk(2, dim=1)
-            shape = scale.shape + (1,) * self.spatial_dims
-            h = h * (1 + scale.view(shape)) + shift.view(shape)
-        key = str(index)
-        if key in self.hfm:
-            h = h + self.hfm[key](h)  # residual: eq. 10's high-pass output adds detail, it does not replace f
+    def _stage(self, index: int, h: torch.Tensor, emb: Optional[torch.Tensor]) -> torch.Tensor:
+        """Encoder stage ``index`` (1..5) after its conv block: FiLM (if conditioned), then HF-Mamba (if placed).
+
+        Loops over the (few) FiLM layers and HF-Mamba modules instead of indexing them, so that TorchScript
+        compiles it.
+        """
+        if self.film is not None and emb is not None:
+            for i, film in enumerate(self.film):
+                if i == index - 1:
+                    scale, shift = film(emb).chunk(2, dim=1)
+                    shape = list(scale.shape) + [1] * self.spatial_dims
+                    h = h * (1 + scale.view(shape)) + shift.view(shape)
+        for key, hfm in self.hfm.items():
+            if key == str(index):
+                h = h + hfm(h)  # residual: eq. 10's high-pass output adds detail, it does not replace f
         return h
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor | None = None, return_features: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, return_features: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Segment ``x``.
 
         Args:
@@ -266,11 +290,11 @@ class VNet(nn.Module):
         """
         self._check_input(x, cond)
         emb = F.silu(cond) if cond is not None else None
-        x1 = self._stage(1, self.block_one, x, emb)
-        x2 = self._stage(2, self.block_two, self.block_one_dw(x1), emb)
-        x3 = self._stage(3, self.block_three, self.block_two_dw(x2), emb)
-        x4 = self._stage(4, self.block_four, self.block_three_dw(x3), emb)
-        x5 = self.dropout(self._stage(5, self.block_five, self.block_four_dw(x4), emb))
+        x1 = self._stage(1, self.block_one(x), emb)
+        x2 = self._stage(2, self.block_two(self.block_one_dw(x1)), emb)
+        x3 = self._stage(3, self.block_three(self.block_two_dw(x2)), emb)
+        x4 = self._stage(4, self.block_four(self.block_three_dw(x3)), emb)
+        x5 = self.dropout(self._stage(5, self.block_five(self.block_four_dw(x4)), emb))
 
         x6 = self.block_six(self.block_five_up(x5) + x4)
         x7 = self.block_seven(self.block_six_up(x6) + x3)

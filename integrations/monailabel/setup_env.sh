@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Build the MONAI Label environment of diffcl_algo: a virtual environment with MONAI Label 0.8.5, NumPy < 2, a
+# matching torch/torchvision pair, this repository's diffcl_algo (editable) and integrations/monailabel on its path.
+# MONAI Label 0.8.5 needs NumPy 1.x and a working torchvision, which the main environment (NumPy 2, CPU-only torch
+# without torchvision) lacks, so it gets its own. The pins are in constraints.txt beside this script.
+#
+# Usage:  bash integrations/monailabel/setup_env.sh [VENV_DIR]
+#   VENV_DIR                     default: $DIFFCL_MONAILABEL_VENV, else <repo>/.venv-monailabel
+#   DIFFCL_MONAILABEL_PYTHON     interpreter that creates the venv (default: python3.11, else python3)
+#   DIFFCL_MONAILABEL_REBUILD=1  rebuild even when the venv is up to date
+# A venv built from the same pins is reused (only re-pointed at this checkout, seconds); a new one takes about
+# 4.5 minutes and 8.2 GB (docs/monailabel.md). The last line printed is the venv's python.
+set -euo pipefail
+BUILD_REV=1  # bump when the build steps below change
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+venv="${1:-${DIFFCL_MONAILABEL_VENV:-$root/.venv-monailabel}}"
+constraints="$here/constraints.txt"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+vpy() { (cd / && "$venv/bin/python" "$@"); }  # never import this checkout through the working directory
+smoke() {
+    vpy - "$root" <<'EOF'
+import os, sys
+import monai, monailabel, numpy, torch, torchvision
+import diffcl_algo.inference, diffcl_algo.networks, diffcl_monailabel.guards
+from monailabel.interfaces.app import MONAILabelApp
+assert int(numpy.__version__.split(".")[0]) < 2, numpy.__version__
+torchvision.ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5)  # torchvision's C++ operators load beside this torch
+for mod in (diffcl_algo, diffcl_monailabel.guards):
+    if not os.path.realpath(mod.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep):
+        sys.exit(f"{mod.__name__} is imported from {mod.__file__}, not from {sys.argv[1]}")
+print(f"monailabel {monailabel.__version__}, monai {monai.__version__}, torch {torch.__version__}, "
+      f"torchvision {torchvision.__version__}, numpy {numpy.__version__}")
+EOF
+}
+# point the venv at this checkout: diffcl_algo (editable) and integrations/monailabel (diffcl_monailabel)
+link() {
+    site="$(vpy -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$here" > "$site/diffcl_monailabel.pth"
+    if ! vpy -c 'import os, sys, diffcl_algo
+sys.exit(os.path.realpath(diffcl_algo.__file__) != os.path.realpath(sys.argv[1]))' "$root/diffcl_algo/__init__.py" 2>/dev/null; then
+        echo "pointing $venv at $root"
+        "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root"
+    fi
+}
+
+want="rev $BUILD_REV $(sha256sum < "$constraints" | cut -d' ' -f1)"
+if [ "${DIFFCL_MONAILABEL_REBUILD:-0}" != 1 ] && [ -f "$venv/.diffcl-stamp" ] \
+    && [ "$(cat "$venv/.diffcl-stamp")" = "$want" ]; then
+    link
+    smoke
+    echo "up to date: $venv"
+    echo "$venv/bin/python"
+    exit 0
+fi
+
+py="${DIFFCL_MONAILABEL_PYTHON:-$(command -v python3.11 || command -v python3)}"
+parent="$(dirname "$venv")"
+mkdir -p "$parent"
+free_gb=$(( $(df -Pk "$parent" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+if [ "$free_gb" -lt 10 ]; then
+    echo "setup_env.sh: $free_gb GB free under $parent; the MONAI Label venv needs about 9 GB (10 GB asked)" >&2
+    exit 1
+fi
+echo "building $venv with $("$py" --version)"
+rm -rf "$venv"
+"$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -c "$constraints")
+# 1. torch + torchvision first (pinned pair), so that nothing below pulls in another build.
+"${pip[@]}" torch torchvision
+# 2. sam2 (required by MONAI Label) is an sdist whose build needs torch: build it against the torch above, without its
+#    optional CUDA extension, instead of in an isolated environment that would install a second torch.
+"${pip[@]}" "setuptools>=61" wheel
+SAM2_BUILD_CUDA=0 "${pip[@]}" --no-build-isolation sam2
+# 3. MONAI Label with its declared dependencies, and this repository (editable, so the app runs this checkout).
+"${pip[@]}" monailabel monai numpy pydicom -e "$root"
+"$venv/bin/python" -m pip check
+link
+smoke
+echo "$want" > "$venv/.diffcl-stamp"
+echo "$venv/bin/python"
