@@ -5,8 +5,8 @@ Run by hand (not a test), from the repository root:
     python benchmarks/bench_train_iteration.py --device cpu --patch 64 64 48 --iters 3
     python benchmarks/bench_train_iteration.py --device cuda --patch 112 112 80 --amp none bfloat16
 
-Prints, per configuration (the four rows of Table 6), the median seconds of ``DiffCLTrainer._iteration`` on a fixed random batch
-(2 labeled + 2 unlabeled, after warm-up), the overhead ratio full / supervised-only and, on CUDA, the peak
+Prints, per configuration (the four rows of Table 6), the median seconds of ``DiffCLTrainer._iteration`` on a fixed
+random batch (2 labeled + 2 unlabeled, after warm-up), the overhead ratio full / supervised-only and, on CUDA, the peak
 GPU memory of each configuration (``torch.cuda.max_memory_allocated``, reset between configurations).
 """
 

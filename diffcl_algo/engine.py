@@ -274,6 +274,10 @@ class DiffCLTrainer(Trainer):
         dataset, num_labeled: Table 2 row of the weights (None: ``schedules.DEFAULT_HYPERPARAMS``).
         mu1, mu2, beta1_c, beta2_c, lambda1, lambda2, eta: overrides of the Table 2 values.
         t_max, ramp_peak: Gaussian ramp ``lambda(t) = ramp_peak * exp(-5 (1 - t / t_max)^2)``.
+        unsup_ramp: also warm up the unsupervised terms: ``mu1`` and ``mu2`` (eq. 16-17) are multiplied by
+            ``lambda(t) / ramp_peak`` (from ``exp(-5)`` to 1), the usual consistency ramp-up of the field (UA-MT,
+            CPS). False: the paper as printed (Table 2 ramps only the supervised CE weights, the cross
+            pseudo-supervision is at full weight from the first iteration). See docs/training.md.
         use_cps, use_cl: ablation switches.
         cl_tau, cl_top_k: temperature and ``k`` of eq. 12-14.
         cl_num_anchors: ``p``, anchors per class sampled from the bank.
@@ -318,6 +322,7 @@ class DiffCLTrainer(Trainer):
         eta: Optional[float] = None,
         t_max: float = 300.0,
         ramp_peak: float = 2.0,
+        unsup_ramp: bool = False,
         use_cps: bool = True,
         use_cl: bool = True,
         cl_tau: float = 0.1,
@@ -371,6 +376,7 @@ class DiffCLTrainer(Trainer):
         self.hparams = resolve_hyperparams(dataset, num_labeled, **overrides)
         self.t_max = float(t_max)
         self.ramp_peak = float(ramp_peak)
+        self.unsup_ramp = bool(unsup_ramp)
         self.use_cps = bool(use_cps)
         self.use_cl = bool(use_cl)
         self.cl_loss = ContrastiveLabelPropagationLoss(tau=cl_tau, top_k=cl_top_k)
@@ -512,8 +518,9 @@ class DiffCLTrainer(Trainer):
         loss_cl = zero
         if self.use_cl:
             loss_cl = self._contrastive(ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen)  # eq. 15 (line 12)
-        loss_ds = loss_sup_ds + hp.mu1 * loss_cps_ds  # eq. 16
-        loss_cs = loss_sup_cs + hp.mu2 * (loss_cps_cs + hp.eta * loss_cl)  # eq. 17 with eq. 22 (line 13)
+        unsup = ramp / self.ramp_peak if self.unsup_ramp else 1.0
+        loss_ds = loss_sup_ds + hp.mu1 * unsup * loss_cps_ds  # eq. 16
+        loss_cs = loss_sup_cs + hp.mu2 * unsup * (loss_cps_cs + hp.eta * loss_cl)  # eq. 17 with eq. 22 (line 13)
         loss = loss_cs + loss_ds
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 

@@ -295,6 +295,7 @@ def build_trainer(
     bank_capacity: int = 2048,
     bank_samples_per_class: int = 256,
     t_max: float = 300.0,
+    unsup_ramp: bool = False,
     sw_batch_size: int = 1,
     spacing: Optional[Sequence[float]] = None,
     progress: bool = True,
@@ -339,6 +340,7 @@ def build_trainer(
         cl_num_anchors, cl_num_unlabeled, cl_top_k, cl_tau: ``p``, ``q``, ``k``, ``tau`` of eq. 11-15.
         bank_capacity, bank_samples_per_class: memory bank size and per-iteration enqueue per class.
         t_max: ramp length in epochs (paper 300).
+        unsup_ramp: also ramp the unsupervised weights (``DiffCLTrainer``'s ``unsup_ramp``).
         sw_batch_size: sliding-window batch of validation.
         spacing: voxel spacing for reading h5 files and for hd95/asd (None: voxel units).
         progress: show a tqdm progress bar.
@@ -399,6 +401,7 @@ def build_trainer(
         bank_capacity=bank_capacity,
         bank_samples_per_class=bank_samples_per_class,
         t_max=t_max,
+        unsup_ramp=bool(unsup_ramp),
         sw_batch_size=sw_batch_size,
         spacing=None if spacing is None else [float(s) for s in spacing],
         progress=bool(progress),

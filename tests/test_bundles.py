@@ -213,3 +213,32 @@ def test_cli_training_command_line(datasets, tmp_path):
     assert (out / "model.pt").is_file() and (out / "train_state.pt").is_file() and (out / "train.log").is_file()
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["iteration"] == 2 and state["config"]["use_cl"] is False and state["memory_bank"] is None
+
+
+def test_la_cpu_protocol_layers_over_train_and_evaluate(datasets, tmp_path):
+    cpu = "bundles/la/configs/cpu.yaml"
+    small = {k: v for k, v in SMALL_TRAIN.items() if k not in ("patch_size", "strides", "n_filters")}
+    wf = ConfigWorkflow(
+        config_file=["bundles/la/configs/train.yaml", cpu],
+        workflow_type="train",
+        run_id="training",
+        **dict(small, dataset_dir=datasets["la"], output_dir=str(tmp_path / "run"), num_labeled=4, dataset_name=None),
+    )
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.unsup_ramp is True and trainer.t_max == 40.0
+    assert wf.parser["patch_size"] == [48, 48, 32] and wf.parser["n_filters"] == 8
+    _run(wf)
+    ev = ConfigWorkflow(
+        config_file=["bundles/la/configs/evaluate.yaml", cpu],
+        workflow_type="infer",
+        run_id="evaluating",
+        dataset_dir=datasets["la"],
+        ckpt_path=str(tmp_path / "run" / "model.pt"),
+        output_dir=str(tmp_path / "eval"),
+        device="cpu",
+    )
+    ev.initialize()
+    _run(ev)
+    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert summary["count"] >= 1 and 0.0 <= summary["metrics"]["dice"]["mean"] <= 1.0

@@ -59,6 +59,18 @@ def test_one_iteration_all_terms(data_dir, tmp_path):
     assert any(isinstance(m, HFMamba) for m in trainer.cs_network.modules())
 
 
+def test_unsup_ramp_scales_unsupervised_terms(data_dir, tmp_path):
+    trainer = build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), unsup_ramp=True, **SMALL)
+    trainer.run()
+    close_trainer(trainer)
+    out, hp = trainer.state.output, trainer.hparams
+    w = np.exp(-5.0)  # lambda(0) / peak
+    assert out["loss_cps_cs"] > 0 and out["loss_cl"] > 0
+    assert out["loss_ds"] == pytest.approx(out["loss_sup_ds"] + w * hp.mu1 * out["loss_cps_ds"], rel=1e-5)
+    expected_cs = out["loss_sup_cs"] + w * hp.mu2 * (out["loss_cps_cs"] + hp.eta * out["loss_cl"])
+    assert out["loss_cs"] == pytest.approx(expected_cs, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "use_cps,use_hfm,use_cl",
     [(False, False, False), (True, False, False), (True, True, False), (False, False, True)],
