@@ -141,3 +141,18 @@ def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_pa
     for name in ("cs_network", "ds_network"):
         for a, b in zip(getattr(watched, name).state_dict().values(), getattr(plain, name).state_dict().values()):
             assert torch.equal(a, b)
+
+
+def test_channels_last_training_is_the_same_math(data_dir, tmp_path):
+    def run(channels_last: bool):
+        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(channels_last)),
+                                use_hfm=False, channels_last=channels_last, **dict(SMALL_TRAIN, val_interval=0))
+        trainer.run()
+        close_trainer(trainer)
+        return trainer
+
+    last, plain = run(True), run(False)
+    conv = last.cs_network.block_two.conv[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    for key in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds"):
+        assert last.state.output[key] == pytest.approx(plain.state.output[key], rel=1e-3, abs=1e-4)
