@@ -286,8 +286,9 @@ class DiffCLTrainer(Trainer):
     5. ``L_p^c = D(P^u, argmax P~u) + lambda2 E`` (eq. 7), ``L_p^d = D(P~u, argmax P^u) + lambda1 E`` (eq. 6).
     6. Memory bank: DS-head projections of labeled voxels that DS predicted correctly, at most
        ``bank_samples_per_class`` random voxels per class (gathered across DDP ranks), are enqueued; then ``p``
-       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b`` (the voxel-wise head
-       is applied to the ``q`` sampled voxels only; its batch-norm statistics come from them); ``L_cl`` (eq. 11-15).
+       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b``; ``L_cl`` (eq. 11-15).
+       Both voxel-wise heads run on the chosen voxels only (their batch-norm statistics come from them), not on
+       whole feature maps.
        The DS head gets no gradient: ``L_cl`` enters only the CS loss (eq. 17, 22) and the bank is detached.
     7. ``L^d = L_s^d + mu1 L_p^d`` (eq. 16); ``L^c = L_s^c + mu2 (L_p^c + eta L_cl)`` (eq. 17, 22).
     8. ``(L^c + L^d).backward()`` (the two losses share no parameters: pseudo-labels and ``Y_0`` are detached),
