@@ -124,3 +124,35 @@ def test_plain_and_residual_stages_load_each_other(residual):
     x = torch.randn(1, 1, 16, 16, 16)
     a.eval(), b.eval()
     assert not np.allclose(a(x).detach().numpy(), b(x).detach().numpy())
+
+
+def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_path):
+    def run(monitor: bool):
+        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(monitor)), use_hfm=False,
+                                monitor_pseudo_labels=monitor, **dict(SMALL_TRAIN, val_interval=0))
+        trainer.run()
+        close_trainer(trainer)
+        return trainer
+
+    watched, plain = run(True), run(False)
+    out = watched.state.output
+    assert 0.0 <= out["pseudo_dice_cs"] <= 1.0 and 0.0 <= out["pseudo_dice_ds"] <= 1.0
+    assert "pseudo_dice_cs" not in plain.state.output
+    for name in ("cs_network", "ds_network"):
+        for a, b in zip(getattr(watched, name).state_dict().values(), getattr(plain, name).state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_channels_last_training_is_the_same_math(data_dir, tmp_path):
+    def run(channels_last: bool):
+        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(channels_last)),
+                                use_hfm=False, channels_last=channels_last, **dict(SMALL_TRAIN, val_interval=0))
+        trainer.run()
+        close_trainer(trainer)
+        return trainer
+
+    last, plain = run(True), run(False)
+    conv = last.cs_network.block_two.conv[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    for key in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds"):
+        assert last.state.output[key] == pytest.approx(plain.state.output[key], rel=1e-3, abs=1e-4)
