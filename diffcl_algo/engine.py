@@ -339,6 +339,9 @@ class DiffCLTrainer(Trainer):
         bank_samples_per_class: correctly predicted labeled voxels enqueued per class per iteration and rank.
         dice_include_background, dice_batch: ``DiceCELoss`` options of the paper's form.
         sup_loss: ``"paper"`` or ``"field"``, the form of the supervised losses (above).
+        ds_pseudo_steps: 0 (default): the DS pseudo-labels of eq. 7 are the argmax of this iteration's DS output,
+            whose input is the noised CS pseudo-label; ``k >= 1``: they come from ``k`` DDIM steps started from pure
+            noise (``GaussianDiffusion.ddim_sample``, no gradient), as the DS would segment at inference.
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
         seed: base seed of every random choice.
@@ -388,6 +391,7 @@ class DiffCLTrainer(Trainer):
         dice_include_background: bool = True,
         dice_batch: bool = True,
         sup_loss: str = "paper",
+        ds_pseudo_steps: int = 0,
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
         amp: bool = False,
@@ -444,6 +448,9 @@ class DiffCLTrainer(Trainer):
             raise ValueError(f"sup_loss must be one of {SUP_LOSS_FORMS}, got {sup_loss!r}.")
         self.sup_loss = sup_loss
         self.field_dice_ce = DiceCELoss(include_background=False, batch=True, squared_pred=True)
+        if int(ds_pseudo_steps) < 0:
+            raise ValueError(f"ds_pseudo_steps must be >= 0, got {ds_pseudo_steps}.")
+        self.ds_pseudo_steps = int(ds_pseudo_steps)
         self.poly_lr_power = poly_lr_power
         self.seed = int(seed)
         for opt in (cs_optimizer, ds_optimizer):
@@ -573,7 +580,7 @@ class DiffCLTrainer(Trainer):
         loss_sup_ds = self._supervised(ds_logits[:nl], y, beta1) if use_ds else zero  # eq. 18 (line 9)
         loss_cps_cs = loss_cps_ds = zero
         if self.use_cps:
-            pseudo_ds = class_argmax(ds_logits[nl:].detach())  # Y~u
+            pseudo_ds = self._ds_pseudo_labels(x[nl:], ds_logits[nl:], gen)  # Y~u
             loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2)  # eq. 7 (line 10)
             loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1)  # eq. 6 (line 11)
         loss_cl = zero
@@ -609,6 +616,21 @@ class DiffCLTrainer(Trainer):
             out["pseudo_dice_cs"] = _foreground_dice(pseudo_cs, hidden)
             out["pseudo_dice_ds"] = _foreground_dice(pseudo_ds, hidden)
         return out
+
+    def _ds_pseudo_labels(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``Y~u`` (b_u, 1, *S): from this step's DS output, or (``ds_pseudo_steps > 0``) from DDIM sampling.
+
+        The training forward's DS input holds ``Y_t``, the noised CS pseudo-label, so at small ``t`` its prediction
+        mostly returns the CS's own pseudo-label to the CS. Sampling from pure noise (eq. 2-3) gives a DS
+        pseudo-label that depends on the image alone, as at the DS's inference; no gradient.
+        """
+        if self.ds_pseudo_steps == 0:
+            return class_argmax(ds_logits_u.detach())
+        with torch.no_grad(), self._autocast():
+            probs = self.diffusion.ddim_sample(
+                self.ds_network, x_u, self.num_classes, steps=self.ds_pseudo_steps, generator=gen
+            )
+        return class_argmax(probs)
 
     def _supervised(self, logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
         """Supervised loss of one network on the labeled images: eq. 18 / 19 (``"paper"``) or the field's form."""

@@ -156,3 +156,25 @@ def test_channels_last_training_is_the_same_math(data_dir, tmp_path):
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
     for key in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds"):
         assert last.state.output[key] == pytest.approx(plain.state.output[key], rel=1e-3, abs=1e-4)
+
+
+def test_ds_pseudo_labels_sampled_from_noise(data_dir, tmp_path, monkeypatch):
+    from diffcl_algo.diffusion import GaussianDiffusion
+
+    calls = []
+    original = GaussianDiffusion.ddim_sample
+
+    def counting(self, model, x, num_classes, steps=10, eta=0.0, generator=None):
+        calls.append((x.shape[0], steps, torch.is_grad_enabled()))
+        return original(self, model, x, num_classes, steps=steps, eta=eta, generator=generator)
+
+    monkeypatch.setattr(GaussianDiffusion, "ddim_sample", counting)
+    trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), use_hfm=False, ds_pseudo_steps=2,
+                            monitor_pseudo_labels=True, **dict(SMALL_TRAIN, val_interval=0))
+    trainer.run()
+    close_trainer(trainer)
+    assert calls == [(2, 2, False), (2, 2, False)]  # the 2 unlabeled images, every iteration, without gradient
+    assert 0.0 <= trainer.state.output["pseudo_dice_ds"] <= 1.0 and trainer.state.output["loss_cps_cs"] > 0
+    with pytest.raises(ValueError, match="ds_pseudo_steps must be >= 0"):
+        build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), ds_pseudo_steps=-1,
+                      **dict(SMALL_TRAIN, val_interval=0))
