@@ -231,11 +231,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
         report = subprocess.run([sys.executable, "-c", ENV_REPORT], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=120)
-        environment = json.loads(report.stdout) if report.returncode == 0 else {"error": report.stderr[-500:]}
+        ok = report.returncode == 0
+        environment = json.loads(report.stdout.splitlines()[-1]) if ok else {"error": report.stderr[-500:]}
         clock.say(f"environment: {environment}")
         sys.path[:0] = [str(REPO), str(EXPERIMENTS)]
-        import la_cpu  # noqa: E402 (needs the wheels: fire, monai)
-        import pack_la  # noqa: E402
+        import la_cpu  # here, after the wheels: it needs fire and monai
+        import pack_la
 
         data_dir = work / "LA"
         unpacked = pack_la.unpack(args.packed, str(data_dir), workers=args.unpack_workers)
