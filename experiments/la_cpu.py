@@ -132,9 +132,9 @@ def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
                 values = [s[kind]["mean"][metric] for s in group if kind in s]
                 if not values:
                     continue
-                std = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+                spread = f"± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "(one seed)"
                 per_seed = ", ".join(f"s{s['seed']} {s[kind]['mean'][metric]:.3f}" for s in group if kind in s)
-                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {np.mean(values):.3f} ± {std:.3f} "
+                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {np.mean(values):.3f} {spread} "
                              f"| {per_seed} |")
     return "\n".join(lines)
 
