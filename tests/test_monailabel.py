@@ -32,7 +32,6 @@ from monai.bundle import ConfigParser
 
 from diffcl_algo.inference import predict_volume
 from integrations.monailabel.diffcl_monailabel import guards
-from integrations.monailabel.diffcl_monailabel.bundle_config import absolutize_macros, resolve_macro_file
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "integrations" / "monailabel" / "app"
@@ -137,19 +136,14 @@ def test_check_image_request(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- bundle config
-def test_absolutize_macros_parses_from_any_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bundle_config_parses_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what MONAI Label's BundleInferTask does with the bundle's inference.yaml
     parser = ConfigParser()
     parser.read_config(str(LA_BUNDLE / "configs" / "inference.yaml"))
-    parser.set(absolutize_macros(parser.get(), LA_BUNDLE))
-    macro = parser.get("network_def")
-    assert macro == f"%{REPO / 'bundles/base/configs/inference.yaml'}::network_def"
-    parser.update({"n_filters": 4})
+    parser.update({"bundle_root": str(LA_BUNDLE), "n_filters": 4})
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == "VNet" and net.feature_channels == 4
-    assert absolutize_macros({"a": ["%#x", "%/abs/c.yaml::y", 3]}, LA_BUNDLE) == {"a": ["%#x", "%/abs/c.yaml::y", 3]}
-    with pytest.raises(FileNotFoundError):
-        resolve_macro_file("bundles/base/configs/missing.yaml", LA_BUNDLE)
+    assert parser.get_parsed_content("ckpt_path") == f"{LA_BUNDLE}/models/model.pt"
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -177,7 +171,6 @@ def _la_network() -> torch.nn.Module:
     """The LA bundle's CS network (its inference config, random init)."""
     parser = ConfigParser()
     parser.read_config(str(LA_BUNDLE / "configs" / "inference.yaml"))
-    parser.set(absolutize_macros(parser.get(), LA_BUNDLE))
     return parser.get_parsed_content("network_def")
 
 
