@@ -244,7 +244,7 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
             "cs_head": "@cs_head",
             "ds_head": "@ds_head",
             "memory_bank": "@bank",
-            "hyperparams": "$diffcl_algo.schedules.table2_params('LA', 8)",
+            "hyperparams": {"_target_": "diffcl_algo.schedules.table2_params", "dataset_name": "LA", "num_labeled": 8},
             "cl_num_anchors": 8,
             "cl_num_unlabeled": 256,
             "cl_top_k": 16,

@@ -1,7 +1,7 @@
 """MONAI Label integration (integrations/monailabel, docs/monailabel.md).
 
-Unmarked tests (default run, main environment): the request guards as an ASGI middleware and the config macro
-rewriting. ``monailabel``-marked tests (deselected by default; ``.ci/run`` runs them after
+Unmarked tests (default run, main environment): the request guards as an ASGI middleware and the bundle config
+loading from another directory. ``monailabel``-marked tests (deselected by default; ``.ci/run`` runs them after
 ``integrations/monailabel/setup_env.sh``): a real ``monailabel start_server`` from the MONAI Label environment
 (``$DIFFCL_MONAILABEL_PYTHON``, default ``.venv-monailabel/bin/python``; missing: the tests fail) serving the LA
 bundle with a random-init CS checkpoint, called over HTTP: the label volume equals ``predict_volume``'s, path-like
@@ -214,7 +214,7 @@ def served(tmp_path_factory) -> Iterator[dict]:
     started = time.monotonic()
     # as in an activated venv: MONAI Label's `monailabel` script runs `python` ($MONAILABEL_PYEXE) from the PATH
     env = {**os.environ, "PATH": f"{py.parent}{os.pathsep}{os.environ.get('PATH', '')}", "MONAILABEL_PYEXE": str(py)}
-    with open(log, "wb") as out:  # cwd: not the repository root (the app resolves the bundle's macros itself)
+    with open(log, "wb") as out:  # cwd: not the repository root (the bundle's configs are self-contained)
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         while True:
