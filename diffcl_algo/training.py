@@ -106,13 +106,16 @@ def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], 
     return [str(f) for f in files], {}, str(configs / "metadata.json")
 
 
-def _check_ids(parser: ConfigParser, overrides: dict[str, Any], what: str) -> None:
-    """Raise ``ValueError`` naming each override id the config lacks, with the closest ids it has."""
+def _override(parser: ConfigParser, bundle: Bundle, workflow: str, values: dict, overrides: dict) -> None:
+    """Set a dataset's ``values`` and the ``overrides`` (checked: an id the config lacks is a ``ValueError`` naming
+    it and the closest ids it has; tuples become lists, paths strings, ``device="auto"`` keeps the config's)."""
     for key in overrides:
         if key not in parser:
             close = difflib.get_close_matches(key.split(ID_SEP_KEY)[0], list(parser.get()), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"{what} has no id {key!r}.{hint}")
+            raise ValueError(f"The {workflow} config of bundle {bundle!r} has no id {key!r}.{hint}")
+    checked = {k: _plain(v) for k, v in overrides.items() if not (k == "device" and v == "auto")}
+    parser.update({**{k: v for k, v in values.items() if k in parser}, **checked})
 
 
 def _plain(value: Any) -> Any:
@@ -137,9 +140,7 @@ def load_bundle(bundle: Bundle = None, workflow: str = "train", **overrides: Any
     files, values, _ = _sources(bundle, workflow)
     parser = ConfigParser()
     parser.read_config(files)
-    overrides = {k: _plain(v) for k, v in overrides.items() if not (k == "device" and v == "auto")}
-    _check_ids(parser, overrides, f"The {workflow} config of bundle {bundle!r}")
-    parser.update({**{k: v for k, v in values.items() if k in parser}, **overrides})
+    _override(parser, bundle, workflow, values, overrides)
     parser.parse()
     return parser
 
@@ -163,9 +164,7 @@ def run_workflow(bundle: Bundle, workflow: str, **overrides: Any) -> ConfigWorkf
         workflow_type="train" if workflow == "train" else "infer",
         run_id=RUN_IDS[workflow],
     )
-    overrides = {k: _plain(v) for k, v in overrides.items()}
-    _check_ids(wf.parser, overrides, f"The {workflow} config of bundle {bundle!r}")
-    wf.parser.update({**{k: v for k, v in values.items() if k in wf.parser}, **overrides})
+    _override(wf.parser, bundle, workflow, values, overrides)
     wf.initialize()
     wf.run()
     wf.finalize()
