@@ -34,7 +34,7 @@ MODES = {  # the four rows of Table 6, so the overhead splits into its parts
 def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> DiffCLTrainer:
     """The networks, optimizers and weights of the LA 8/72 training graph (no data), in a trainer of one batch."""
     torch.manual_seed(0)
-    graph = load_bundle("la", n_filters=args.n_filters, device=str(device), **mode)
+    graph = load_bundle("la", n_filters=args.n_filters, device=str(device), channels_last=args.channels_last, **mode)
     net = graph.get_parsed_content
     return DiffCLTrainer(
         device=device,
@@ -112,10 +112,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bfloat16", "float16"])
     parser.add_argument("--profile", type=int, default=0, help="print the top N operators of a full iteration")
+    parser.add_argument("--channels_last", action="store_true", help="V-Nets in channels-last memory order")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}, patch {tuple(args.patch)}, n_filters {args.n_filters}, batch 2+2")
+    layout = "channels-last" if args.channels_last else "contiguous"
+    print(f"torch {torch.__version__}, {name}, patch {tuple(args.patch)}, n_filters {args.n_filters}, 2+2, {layout}")
     print(f"{'precision':>10} {'mode':>16} {'s/iter':>8} {'peak GiB':>9}")
     for amp in args.amp:
         results = {}

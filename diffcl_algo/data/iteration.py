@@ -22,6 +22,8 @@ from monai.data import MetaTensor
 from monai.transforms import Randomizable
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diffcl_algo.data.transforms import HIDDEN_LABEL
+
 __all__ = ["derive_seed", "rank_world", "IterationBatchDataset", "IterationSampler", "make_iteration_loader"]
 
 # stream ids of derive_seed, so different uses of the same (seed, iteration) never share a random state
@@ -67,7 +69,8 @@ class IterationBatchDataset(Dataset):
 
     Returns (item):
         ``{"image": (b_l + b_u, C, *patch) float, "label": (b_l, 1, *patch) float, "iteration": i}``, labeled
-        images first.
+        images first; plus ``"hidden_label"`` (b_u, 1, *patch) when the unlabeled transform yields that key for
+        every unlabeled sample (pseudo-label monitoring only; training never reads it).
     """
 
     def __init__(
@@ -140,10 +143,16 @@ class IterationBatchDataset(Dataset):
             images.append(_plain(out["image"]))
             labels.append(_plain(out["label"]))
         offset = bl * self.world_size
+        hidden = []
         for k, j in enumerate(unl):
             out = self._apply(self.unlabeled_transform, self.unlabeled[j], iteration, offset + self.rank * bu + k)
             images.append(_plain(out["image"]))
-        return {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "iteration": iteration}
+            if HIDDEN_LABEL in out:
+                hidden.append(_plain(out[HIDDEN_LABEL]))
+        batch = {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "iteration": iteration}
+        if hidden and len(hidden) == len(unl):
+            batch[HIDDEN_LABEL] = torch.stack(hidden).float()
+        return batch
 
 
 def _plain(x: Any) -> torch.Tensor:
