@@ -13,6 +13,7 @@ import fire
 
 # command name -> "module:function"
 COMMANDS = {
+    "bundles": "diffcl_algo.bundles:write_bundles",
     "demo": "diffcl_algo.demo:demo",
     "package": "diffcl_algo.package:package",
     "prepare": "diffcl_algo.data.prepare:prepare",

@@ -99,44 +99,51 @@ DEFAULT_HYPERPARAMS = DiffCLHyperParams(
 )
 
 
-def table2_params(dataset: str, num_labeled: int) -> DiffCLHyperParams:
+def table2_name(dataset_name: str | None) -> str | None:
+    """The Table 2 dataset named by a config value: None for None and the strings ``""``, ``"none"``, ``"null"``
+    (what a command line gives), else the name as given."""
+    if dataset_name is None or str(dataset_name).strip().lower() in ("", "none", "null"):
+        return None
+    return str(dataset_name)
+
+
+def table2_params(dataset_name: str, num_labeled: int) -> DiffCLHyperParams:
     """Look up one row of Table 2.
 
     Args:
-        dataset: ``"LA"``, ``"Pancreas"`` or ``"BraTS"`` (case-insensitive).
+        dataset_name: ``"LA"``, ``"Pancreas"`` or ``"BraTS"`` (case-insensitive).
         num_labeled: number of labeled training cases (LA 4/8, Pancreas 6/12, BraTS 25/50).
 
     Raises:
-        ValueError: for an unknown ``(dataset, num_labeled)``; the message lists the known rows.
+        ValueError: for an unknown ``(dataset_name, num_labeled)``; the message lists the known rows.
     """
     names = {name.lower(): name for name in TABLE2}
-    name = names.get(str(dataset).lower())
+    name = names.get(str(dataset_name).lower())
     if name is None or int(num_labeled) not in TABLE2[name]:
         known = ", ".join(f"({d!r}, {n})" for d, rows in TABLE2.items() for n in rows)
         raise ValueError(
-            f"No Table 2 row for dataset={dataset!r}, num_labeled={num_labeled!r}; known rows: {known}. "
-            "Pass dataset=None and the weights explicitly for other settings."
+            f"No Table 2 row for dataset_name={dataset_name!r}, num_labeled={num_labeled!r}; known rows: {known}. "
+            "Pass dataset_name=None and the weights explicitly for other settings."
         )
     return TABLE2[name][int(num_labeled)]
 
 
 def resolve_hyperparams(
-    dataset: str | None = None, num_labeled: int | None = None, **overrides: Any
+    dataset_name: str | None = None, num_labeled: int | None = None, **overrides: Any
 ) -> DiffCLHyperParams:
-    """Table 2 row (or ``DEFAULT_HYPERPARAMS`` when ``dataset`` is None) with explicit overrides applied.
+    """Table 2 row (or ``DEFAULT_HYPERPARAMS`` when no dataset is named, see :func:`table2_name`) with explicit
+    overrides applied.
 
     Args:
-        dataset: Table 2 dataset name or None.
-        num_labeled: Table 2 labeled count (required with ``dataset``).
+        dataset_name: Table 2 dataset name or None.
+        num_labeled: Table 2 labeled count (required with ``dataset_name``; ignored without).
         overrides: any ``DiffCLHyperParams`` field; ``None`` values mean "keep the table value".
 
     Raises:
         ValueError: unknown Table 2 row or unknown override name.
     """
-    if dataset is None:
-        base = DEFAULT_HYPERPARAMS
-    else:
-        base = table2_params(dataset, -1 if num_labeled is None else num_labeled)
+    name = table2_name(dataset_name)
+    base = DEFAULT_HYPERPARAMS if name is None else table2_params(name, -1 if num_labeled is None else num_labeled)
     unknown = set(overrides) - set(DiffCLHyperParams.__dataclass_fields__)
     if unknown:
         raise ValueError(f"Unknown hyper-parameter(s) {sorted(unknown)}; valid: {list(base.as_dict())}.")

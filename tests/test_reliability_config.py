@@ -10,7 +10,7 @@ import torch
 from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.data import make_synthetic_dataset
-from diffcl_algo.engine import GuardedValidationHandler
+from diffcl_algo.handlers import GuardedValidationHandler
 from diffcl_algo.schedules import resolve_hyperparams
 from diffcl_algo.training import train
 
@@ -31,11 +31,11 @@ def _fails(data_dir: str, out: Path, error: type, match: str, **overrides) -> st
 
 
 def test_unknown_table2_row_lists_known_rows(data_dir, tmp_path):
-    message = _fails(data_dir, tmp_path, ValueError, "No Table 2 row", dataset="LA", num_labeled=2)
-    assert "dataset='LA', num_labeled=2" in message
+    message = _fails(data_dir, tmp_path, ValueError, "No Table 2 row", dataset_name="LA", num_labeled=2)
+    assert "dataset_name='LA', num_labeled=2" in message
     known = "('Pancreas', 6), ('Pancreas', 12), ('LA', 4), ('LA', 8), ('BraTS', 25), ('BraTS', 50)"
     assert f"known rows: {known}" in message
-    with pytest.raises(ValueError, match="No Table 2 row for dataset='Prostate'"):
+    with pytest.raises(ValueError, match="No Table 2 row for dataset_name='Prostate'"):
         resolve_hyperparams("Prostate", 8)
 
 
