@@ -121,15 +121,17 @@ def test_plain_and_residual_stages_load_each_other(residual):
     assert not np.allclose(a(x).detach().numpy(), b(x).detach().numpy())
 
 
-def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_path):
-    def run(monitor: bool):
-        trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path / str(monitor)),
-                                use_hfm=False, monitor_pseudo_labels=monitor, **dict(SMALL_TRAIN, val_interval=0))
-        trainer.run()
-        trainer.close()
-        return trainer
+def _two_iterations(data_dir, output_dir, **options):
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(output_dir), use_hfm=False,
+                            **dict(SMALL_TRAIN, val_interval=0), **options)
+    trainer.run()
+    trainer.close()
+    return trainer
 
-    watched, plain = run(True), run(False)
+
+def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_path):
+    watched = _two_iterations(data_dir, tmp_path / "watched", monitor_pseudo_labels=True)
+    plain = _two_iterations(data_dir, tmp_path / "plain", monitor_pseudo_labels=False)
     out = watched.state.output
     assert 0.0 <= out["pseudo_dice_cs"] <= 1.0 and 0.0 <= out["pseudo_dice_ds"] <= 1.0
     assert "pseudo_dice_cs" not in plain.state.output
@@ -139,14 +141,8 @@ def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_pa
 
 
 def test_channels_last_training_is_the_same_math(data_dir, tmp_path):
-    def run(channels_last: bool):
-        trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path / str(channels_last)),
-                                use_hfm=False, channels_last=channels_last, **dict(SMALL_TRAIN, val_interval=0))
-        trainer.run()
-        trainer.close()
-        return trainer
-
-    last, plain = run(True), run(False)
+    last = _two_iterations(data_dir, tmp_path / "last", channels_last=True)
+    plain = _two_iterations(data_dir, tmp_path / "plain", channels_last=False)
     conv = last.cs_network.block_two.conv[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
     for key in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds"):
