@@ -1,8 +1,8 @@
 """MONAI Label inference task of a diffcl_algo bundle: MONAI Label's own ``BundleInferTask``, made strict.
 
 The task reads the bundle's ``configs/inference.yaml`` and ``configs/metadata.json`` as MONAI Label does for any
-bundle (``validate#preprocessing``, ``network_def``, ``inferer`` and ``validate#postprocessing`` of the config: the
-CS network and the paper's sliding window, :class:`~diffcl_algo.inference.DiffCLSlidingWindowInferer`); the
+bundle (``preprocessing``, ``network_def``, ``inferer`` and ``postprocessing`` of the config: the CS network and
+the paper's sliding window, :class:`~diffcl_algo.inference.DiffCLSlidingWindowInferer`); the
 bundle's configs are self-contained, so they load from any directory. Three changes:
 
 * the checkpoint can live outside ``<bundle>/models`` (``ckpt``) and must match the network exactly
@@ -32,12 +32,6 @@ class _Constants(BundleConstants):
 
     def model_pytorch(self) -> str:
         return str(self.ckpt)
-
-    def key_preprocessing(self) -> Sequence[str]:
-        return ["validate#preprocessing"]  # inference.yaml overrides the one graph: its chains live in ``validate``
-
-    def key_postprocessing(self) -> Sequence[str]:
-        return ["validate#postprocessing"]
 
 
 class DiffCLBundleInferTask(BundleInferTask):
