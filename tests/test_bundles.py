@@ -251,7 +251,7 @@ def test_la_cpu_protocol_layers_over_train_and_evaluate(datasets, tmp_path):
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.unsup_ramp is True  # and the ramp spans the whole run:
+    assert trainer.unsup_ramp is True and trainer.hparams.mu1 == trainer.hparams.mu2 == 0.1  # and the ramp spans:
     assert trainer.t_max == pytest.approx(trainer.max_iterations / trainer.state.epoch_length)
     assert wf.parser["patch_size"] == [48, 48, 32] and wf.parser["n_filters"] == 8
     _run(wf)
