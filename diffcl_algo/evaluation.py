@@ -196,18 +196,21 @@ def case_name_formatter(metadict: Mapping[str, Any] | None, saver: Any = None) -
     return {"subject": f"{case}{_PREDICTION_EXT}", "idx": None}
 
 
-def eval_preprocessing(spacing: float | Sequence[float] | None = None, case_key: str = "case") -> Compose:
+def eval_preprocessing(
+    spacing: float | Sequence[float] | None = None, case_key: str = "case", scan_norm: str = "zscore"
+) -> Compose:
     """Whole-volume loading (:func:`~diffcl_algo.data.val_transforms`) followed by :class:`CaseNamed`.
 
     Args:
         spacing: voxel size given to the h5 reader (None: the file's attribute, else the LA spacing).
         case_key: datalist key of the case name.
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
 
     Returns:
         ``Compose`` mapping ``{"image": path, "label": path[, "case": name]}`` to float32 MetaTensors (1, *S)
         plus ``"case"``.
     """
-    return Compose([val_transforms(spacing=spacing), CaseNamed("image", case_key=case_key)])
+    return Compose([val_transforms(spacing=spacing, scan_norm=scan_norm), CaseNamed("image", case_key=case_key)])
 
 
 def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> Compose:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diffcl_algo.data.brats import brats_transforms, prepare_brats
+from diffcl_algo.data.intensity import SCAN_NORMS, ScanNormalized
 from diffcl_algo.data.io import (
     LA_SPACING,
     LAYOUTS,
@@ -31,6 +32,8 @@ __all__ = [
     "H5Reader",
     "LoadH5d",
     "RandRotFlipd",
+    "SCAN_NORMS",
+    "ScanNormalized",
     "brats_transforms",
     "build_datalists",
     "decathlon_datalists",

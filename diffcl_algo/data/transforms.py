@@ -4,7 +4,8 @@ The field's 3D pipeline (UA-MT ``la_heart.py``, SSL4MIS ``brats2019.py``, MC-Net
 ``RandomRotFlip -> RandomCrop(patch) -> ToTensor``, where ``RandomCrop`` first zero-pads a volume that is not
 larger than the patch. Here it is expressed with MONAI transforms:
 
-- load: :class:`~diffcl_algo.data.io.LoadH5d` (h5 or NIfTI, channel first, MetaTensor);
+- load: :class:`~diffcl_algo.data.io.LoadH5d` (h5 or NIfTI, channel first, MetaTensor), then
+  :class:`~diffcl_algo.data.intensity.ScanNormalized` (a raw scan gets the normalisation the h5 files carry);
 - :class:`RandRotFlipd`: the field's ``RandomRotFlip``, on the whole volume as in the field (so a 90-degree
   turn never conflicts with a non-square patch);
 - pad: ``SpatialPadd`` to at least the patch size (constant 0, like the field's ``np.pad``; the field pads
@@ -22,6 +23,7 @@ from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureTyped, Flipd, OneOf, RandRotate90d, RandSpatialCropd, SpatialPadd
 from monai.utils import ensure_tuple
 
+from diffcl_algo.data.intensity import ScanNormalized
 from diffcl_algo.data.io import LoadH5d
 
 __all__ = ["RandRotFlipd", "train_transforms", "val_transforms"]
@@ -60,6 +62,7 @@ def train_transforms(
     keys: KeysCollection = ("image", "label"),
     labeled: bool = True,
     spacing: float | Sequence[float] | None = None,
+    scan_norm: str = "zscore",
 ) -> Compose:
     """Training chain: load, ``RandRotFlipd``, pad to the patch, random ``patch_size`` crop, float tensors.
 
@@ -68,6 +71,7 @@ def train_transforms(
         keys: data keys; ``"label"`` is dropped when ``labeled`` is False.
         labeled: whether the entries carry a label.
         spacing: voxel size given to :class:`~diffcl_algo.data.io.LoadH5d` for h5 files.
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
 
     Returns:
         ``Compose`` mapping ``{"image": path[, "label": path]}`` to tensors of shape (1, *patch_size).
@@ -79,6 +83,7 @@ def train_transforms(
     return Compose(
         [
             LoadH5d(keys, spacing=spacing),
+            ScanNormalized("image", scan_norm),
             RandRotFlipd(keys),
             SpatialPadd(keys, spatial_size=patch, mode="constant"),
             RandSpatialCropd(keys, roi_size=patch, random_size=False),
@@ -88,7 +93,10 @@ def train_transforms(
 
 
 def val_transforms(
-    keys: KeysCollection = ("image", "label"), labeled: bool = True, spacing: float | Sequence[float] | None = None
+    keys: KeysCollection = ("image", "label"),
+    labeled: bool = True,
+    spacing: float | Sequence[float] | None = None,
+    scan_norm: str = "zscore",
 ) -> Compose:
     """Validation / test chain: load whole volumes as float32 channel-first tensors (sliding-window inference).
 
@@ -96,6 +104,9 @@ def val_transforms(
         keys: data keys; ``"label"`` is dropped when ``labeled`` is False.
         labeled: whether the entries carry a label.
         spacing: voxel size given to :class:`~diffcl_algo.data.io.LoadH5d` for h5 files.
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
     """
     keys = _keys(keys, labeled)
-    return Compose([LoadH5d(keys, spacing=spacing), EnsureTyped(keys, dtype=torch.float32)])
+    return Compose(
+        [LoadH5d(keys, spacing=spacing), ScanNormalized("image", scan_norm), EnsureTyped(keys, dtype=torch.float32)]
+    )
