@@ -46,11 +46,11 @@ def check_override_ids(config: dict, overrides: Sequence[str], source: str) -> N
     for override in overrides:
         node: Any = config
         path: list[str] = []
-        for part in override.split(ID_SEP_KEY):
+        for part in override.replace(ID_SEP_KEY, "#").split("#"):
             keys = [str(k) for k in node] if isinstance(node, dict) else [str(i) for i in range(len(node))]
             if part not in keys:
                 near = difflib.get_close_matches(part, [k for k in keys if not k.startswith("_")], n=1, cutoff=0.6)
-                prefix = ID_SEP_KEY.join(path + [""])
+                prefix = "#".join(path + [""])
                 hint = f"; did you mean --{prefix}{near[0]}?" if near else ""
                 raise ValueError(f"unknown option --{override}: {source} has no id '{prefix}{part}'{hint}")
             node = node[part] if isinstance(node, dict) else node[int(part)]
@@ -103,9 +103,7 @@ def run(
     threads = num_threads if num_threads is not None else default_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    scripts.run(
-        run_id=run_id, config_file=files, meta_file=meta_file, logging_file=logging_file, **overrides
-    )
+    scripts.run(run_id=run_id, config_file=files, meta_file=meta_file, logging_file=logging_file, **overrides)
 
 
 def _value_ids(path: Path) -> list[tuple[str, str, str]]:

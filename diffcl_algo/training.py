@@ -6,7 +6,7 @@ There is one object graph, ``bundles/base/configs/train.yaml`` (MONAI bundle con
     CS = VNet(hfm_stages=(5,) if use_hfm else ()), DS = DiffusionSegNet, heads = ProjectionHead, bank
     two SGD optimizers (CS + CS head, DS + DS head) -> DiffCLTrainer
     SupervisedEvaluator(CS only, DiffCLSlidingWindowInferer, medpy metrics) <- ValidationHandler
-    ModelSaver (model.pt), TrainStateSaver (train_state.pt), StatsHandler (train.log), TensorBoard, ProgressBar
+    ModelSaver (model.pt), TrainStateSaver (train_state.pt), StatsHandler (train.log), TensorBoard, a progress bar over max_iterations
 
 ``build_trainer(...)`` turns its arguments into config overrides of that file and instantiates ``train#setup``
 (:func:`setup_trainer`: the trainer with its checkpoint, logging and resume handlers attached); ``train(...)``
@@ -25,7 +25,6 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine
-from ignite.handlers import ProgressBar
 from monai.bundle import ConfigParser
 from monai.bundle.utils import ID_SEP_KEY
 
@@ -35,6 +34,7 @@ from diffcl_algo.engine import LOSS_KEYS, DiffCLTrainer
 from diffcl_algo.networks.diffusion_seg import DiffusionSegNet
 from diffcl_algo.networks.heads import ProjectionHead
 from diffcl_algo.networks.vnet import VNet
+from diffcl_algo.progress import IterationProgressBar
 from diffcl_algo.schedules import DiffCLHyperParams
 
 __all__ = [
@@ -200,7 +200,7 @@ def setup_trainer(
         handler.attach(evaluator)
     trainer.log_handler = attach_file_logger(output_dir) if main else None
     if progress and main:
-        ProgressBar(persist=True).attach(trainer, output_transform=lambda o: {k: o[k] for k in LOSS_KEYS})
+        IterationProgressBar(trainer.max_iterations, LOSS_KEYS).attach(trainer)
     trainer.evaluator, trainer.model_saver, trainer.train_state_saver = evaluator, model_saver, train_state_saver
     trainer.summary_writer, trainer.output_dir = summary_writer, str(output_dir)
     path = resume_path(resume, train_state_path or Path(output_dir) / "train_state.pt")

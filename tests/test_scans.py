@@ -170,8 +170,14 @@ def test_inferring_writes_masks_on_each_inputs_grid(scans, tmp_path):
 def test_nrrd_input_and_predict_volume_on_a_file(scans, tmp_path):
     ckpt = _threshold_net(tmp_path)
     run_bundle_workflow(
-        "la", "inference", images=str(scans["nrrd"]), ckpt_path=str(ckpt), output_dir=str(tmp_path / "out"),
-        network_def=NET, patch_size=PATCH, strides=STRIDES,
+        "la",
+        "inference",
+        images=str(scans["nrrd"]),
+        ckpt_path=str(ckpt),
+        output_dir=str(tmp_path / "out"),
+        network_def=NET,
+        patch_size=PATCH,
+        strides=STRIDES,
     )
     mask = nib.load(tmp_path / "out" / "nrrd.nii.gz")
     reference = nib.load(scans["reference"])
