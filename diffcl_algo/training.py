@@ -6,7 +6,8 @@ There is one object graph, ``bundles/base/configs/train.yaml`` (MONAI bundle con
     CS = VNet(hfm_stages=(5,) if use_hfm else ()), DS = DiffusionSegNet, heads = ProjectionHead, bank
     two SGD optimizers (CS + CS head, DS + DS head) -> DiffCLTrainer
     SupervisedEvaluator(CS only, DiffCLSlidingWindowInferer, medpy metrics) <- ValidationHandler
-    ModelSaver (model.pt), TrainStateSaver (train_state.pt), StatsHandler (train.log), TensorBoard, a progress bar over max_iterations
+    ModelSaver (model.pt), TrainStateSaver (train_state.pt), StatsHandler (train.log), TensorBoard,
+    IterationProgressBar (over max_iterations)
 
 ``build_trainer(...)`` turns its arguments into config overrides of that file and instantiates ``train#setup``
 (:func:`setup_trainer`: the trainer with its checkpoint, logging and resume handlers attached); ``train(...)``

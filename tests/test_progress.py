@@ -1,4 +1,4 @@
-"""Feedback handlers (diffcl_algo.progress): the run-long training bar, per-case progress with Dice, validation lines."""
+"""Feedback handlers (diffcl_algo.progress): the run-long training bar, per-case Dice, validation lines."""
 
 from __future__ import annotations
 
