@@ -175,11 +175,33 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv for argparse, extra --key value items)``: options the chosen command does not declare are set
+    aside (they become keyword arguments of a command taking ``**kwargs``, e.g. bundle overrides)."""
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen not in COMMANDS:
+        return argv, []
+    params = inspect.signature(_load(COMMANDS[chosen][0])).parameters
+    known = {f"--{name}" for name in params} | {"-h", "--help", "--traceback"}
+    kept, extra = [], []
+    items = list(argv)
+    while items:
+        item = items.pop(0)
+        if item.startswith("--") and item.split("=", 1)[0] not in known:
+            extra.append(item)
+            if "=" not in item and items and not items[0].startswith("--"):
+                extra.append(items.pop(0))
+        else:
+            kept.append(item)
+    return kept, extra
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command; one-line errors (module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args, extra = parser.parse_known_args(argv)
+    kept, extra = _split_extra(argv)
+    args = parser.parse_args(kept)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -6,7 +6,7 @@ plus:
 * an override whose id is not in the config (``--num_labled 4``) stops the run before anything happens, naming
   the closest valid id (MONAI would silently add it as a new, unused id and train with the default);
 * ``--help`` with ``--config_file`` lists the config's value ids with their comments;
-* the torch thread count is set (``--num_threads``);
+* the torch thread count is set (``--num_threads``; default: the idle CPUs, :func:`default_num_threads`);
 * the command line reports a user error (missing data, checkpoint, bad value) in one line
   (:mod:`diffcl_algo.cli`).
 """
@@ -59,13 +59,18 @@ def check_override_ids(config: dict, overrides: Sequence[str], source: str) -> N
                 break
 
 
-def default_num_threads() -> int | None:
-    """``$OMP_NUM_THREADS`` when set (torch's own reading of it is kept: None), else the CPUs this process may
-    use, at most 4 (docs/performance.md: more threads gave no gain on the bundles' volume sizes here)."""
+def default_num_threads(max_threads: int = 8) -> int | None:
+    """Torch CPU threads when none are asked for: ``None`` (torch's own reading) when ``$OMP_NUM_THREADS`` is set,
+    else the CPUs this process may use minus the machine's 1-minute load average, between 1 and ``max_threads``.
+
+    On a busy machine every extra thread waits for a core and the run slows down many times over (README,
+    "Threads"); on an idle one the threads use the free cores.
+    """
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, 4))
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cpus - round(busy), max_threads))
 
 
 def run(
@@ -87,7 +92,7 @@ def run(
             layers later files over earlier ones).
         meta_file: the bundle's metadata.json (default: next to the first config).
         logging_file: logging config (default: logging.conf next to the first config).
-        num_threads: torch CPU threads (default: $OMP_NUM_THREADS if set, else the usable CPUs, at most 4).
+        num_threads: torch CPU threads (default: $OMP_NUM_THREADS if set, else the idle CPUs, 1 to 8).
         overrides: --<id> <value> for any id of the config (nested ids as --a#b); see --help with --config_file.
 
     Raises:

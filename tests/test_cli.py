@@ -3,6 +3,7 @@ errors for the bad inputs a user meets first."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,4 +157,46 @@ def test_default_thread_count(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_num_threads() is None  # the user's setting stands
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert 1 <= default_num_threads() <= 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for load, threads in ((0.2, 8), (10.4, 6), (15.0, 1), (40.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert default_num_threads() == threads, load
+
+
+def test_undeclared_options_are_keyword_arguments(monkeypatch):
+    """Options a command does not declare go to its **kwargs (package's overrides, prepare's extras), even after
+    declared ones, and never fill a positional."""
+    import diffcl_algo.package
+
+    seen = {}
+    monkeypatch.setattr(
+        diffcl_algo.package,
+        "package",
+        lambda bundle, ckpt_path, output, **kw: seen.update(bundle=bundle, ckpt_path=ckpt_path, output=output, **kw),
+    )
+    assert (
+        main(
+            [
+                "package",
+                "--bundle",
+                "bundles/pancreas",
+                "--ckpt_path",
+                "m.pt",
+                "--output",
+                "x.zip",
+                "--n_filters",
+                "4",
+                "--hfm_stages=[4, 5]",
+            ]
+        )
+        == 0
+    )
+    assert seen == {
+        "bundle": "bundles/pancreas",
+        "ckpt_path": "m.pt",
+        "output": "x.zip",
+        "n_filters": 4,
+        "hfm_stages": [4, 5],
+    }
+    with pytest.raises(SystemExit):
+        main(["report", "--run_dir", "r", "--no_such_option", "1"])
