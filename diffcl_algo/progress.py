@@ -144,16 +144,16 @@ class CaseProgress:
 
 class ValidationLog:
     """One INFO line per validation round, in the trainer's units:
-    ``validation at iteration 256 (epoch 8.00): val_mean_dice 0.8123, ...; best val_mean_dice 0.8123 at iteration 256``.
+    ``validation at iteration 256 (epoch 8.00): val_mean_dice: 0.8123, ...; best val_mean_dice 0.8123 at iteration 256``.
 
     The best round is the trainer's ``model_saver``'s (``model.pt``) when it has one, so it survives a resume.
 
     Args:
         trainer: the training engine (its ``state.iteration`` and ``state.epoch_length`` label the round).
-        name: logger name.
+        name: logger name (a child of ``diffcl_algo``, whose handler writes ``train.log``).
     """
 
-    def __init__(self, trainer: Engine, name: str = "diffcl_algo.val") -> None:
+    def __init__(self, trainer: Engine, name: str = "diffcl_algo.validation") -> None:
         self.trainer = trainer
         self.logger = logging.getLogger(name)
         self.best: tuple[float, int] | None = None
@@ -166,7 +166,7 @@ class ValidationLog:
         iteration = int(self.trainer.state.iteration)
         epoch = iteration / max(int(self.trainer.state.epoch_length or 1), 1)
         metrics = evaluator.state.metrics
-        text = ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        text = ", ".join(f"{k}: {float(v):.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
         key = getattr(evaluator.state, "key_metric_name", None)
         saver = getattr(self.trainer, "model_saver", None)  # model.pt's bookkeeping (survives a resume)
         if saver is not None and getattr(saver, "best_iteration", -1) >= 0:

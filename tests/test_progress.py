@@ -65,14 +65,14 @@ def test_validation_log_names_iteration_and_epoch(caplog):
     evaluator.state.key_metric_name = "val_mean_dice"
     log = ValidationLog(trainer)
     evaluator.state.metrics = {"val_mean_dice": 0.8123, "val_hd95": 3.5}
-    with caplog.at_level(logging.INFO, logger="diffcl_algo.val"):
+    with caplog.at_level(logging.INFO, logger="diffcl_algo.validation"):
         log(evaluator)
         trainer.state.iteration = 288
         evaluator.state.metrics = {"val_mean_dice": 0.7}
         log(evaluator)
     first, second = (r.getMessage() for r in caplog.records)
     assert first == (
-        "validation at iteration 256 (epoch 8.00): val_mean_dice 0.8123, val_hd95 3.5000; "
+        "validation at iteration 256 (epoch 8.00): val_mean_dice: 0.8123, val_hd95: 3.5000; "
         "best val_mean_dice 0.8123 at iteration 256"
     )
-    assert second.endswith("(epoch 9.00): val_mean_dice 0.7000; best val_mean_dice 0.8123 at iteration 256")
+    assert second.endswith("(epoch 9.00): val_mean_dice: 0.7000; best val_mean_dice 0.8123 at iteration 256")
