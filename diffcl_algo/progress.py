@@ -143,8 +143,8 @@ class CaseProgress:
 
 
 class ValidationLog:
-    """One INFO line per validation round, in the trainer's units:
-    ``validation at iteration 256 (epoch 8.00): val_mean_dice: 0.8123, ...; best val_mean_dice 0.8123 at iteration 256``.
+    """One INFO line per validation round, in the trainer's units, e.g. ``validation at iteration 256
+    (epoch 8.00): val_mean_dice: 0.8123, ...; best val_mean_dice 0.8123 at iteration 256``.
 
     The best round is the trainer's ``model_saver``'s (``model.pt``) when it has one, so it survives a resume.
 
