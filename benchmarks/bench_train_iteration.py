@@ -2,12 +2,14 @@
 
 Run by hand (not a test), from the repository root:
 
-    python benchmarks/bench_train_iteration.py --device cpu --patch 64 64 48 --iters 3
+    python benchmarks/bench_train_iteration.py --device cpu --patch 48 48 32 --n_filters 8 --profile 15
     python benchmarks/bench_train_iteration.py --device cuda --patch 112 112 80 --amp none bfloat16
 
 Prints, per configuration (the four rows of Table 6), the median seconds of ``DiffCLTrainer._iteration`` on a fixed
 random batch (2 labeled + 2 unlabeled, after warm-up), the overhead ratio full / supervised-only and, on CUDA, the peak
-GPU memory of each configuration (``torch.cuda.max_memory_allocated``, reset between configurations).
+GPU memory of each configuration (``torch.cuda.max_memory_allocated``, reset between configurations). The
+supervised-only row trains the CS alone (one V-Net on the labeled images). ``--profile N`` also prints the N
+operators with the most self time over two full Diff-CL iterations (``torch.profiler``).
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp
     )
 
 
-def time_mode(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> tuple[float, float]:
-    trainer = make_trainer(mode, args, device, amp)
+def make_batch(args: argparse.Namespace) -> dict:
+    """A fixed random batch of 2 labeled + 2 unlabeled images, a box as the label."""
     g = torch.Generator().manual_seed(0)
     image = torch.randn(4, 1, *args.patch, generator=g)
     label = torch.zeros(2, 1, *args.patch)
     c = [s // 2 for s in args.patch]
     label[:, :, c[0] - c[0] // 2 : c[0] + c[0] // 2, c[1] - c[1] // 2 : c[1] + c[1] // 2, :] = 1
-    batch = {"image": image, "label": label}
+    return {"image": image, "label": label}
+
+
+def time_mode(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> tuple[float, float]:
+    trainer = make_trainer(mode, args, device, amp)
+    batch = make_batch(args)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -78,6 +85,24 @@ def time_mode(mode: dict, args: argparse.Namespace, device: torch.device, amp: s
     return statistics.median(times), peak
 
 
+def profile_full(args: argparse.Namespace, device: torch.device, rows: int) -> None:
+    """Top operators by self time of two full Diff-CL iterations (after the benchmark's warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = make_trainer(MODES["full Diff-CL"], args, device, "none")
+    batch = make_batch(args)
+    for k in range(args.warmup):
+        trainer.state.iteration = k + 1
+        trainer._iteration(trainer, batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for k in range(args.warmup, args.warmup + 2):
+            trainer.state.iteration = k + 1
+            trainer._iteration(trainer, batch)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +111,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bfloat16", "float16"])
+    parser.add_argument("--profile", type=int, default=0, help="print the top N operators of a full iteration")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -98,6 +124,8 @@ def main() -> None:
             print(f"{amp:>10} {label:>16} {results[label][0]:8.3f} {results[label][1]:9.2f}")
         ratio = results["full Diff-CL"][0] / results["supervised-only"][0]
         print(f"{amp:>10} overhead full / supervised-only = {ratio:.2f}x")
+    if args.profile:
+        profile_full(args, device, args.profile)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ from diffcl_algo.schedules import continuous_epoch, gaussian_ramp, poly_lr, reso
 
 __all__ = [
     "LOSS_KEYS",
+    "SUP_LOSS_FORMS",
+    "class_argmax",
     "derive_seed",
     "IterationBatchDataset",
     "IterationSampler",
@@ -68,6 +70,9 @@ LOSS_KEYS = (
     "loss",
 )
 
+#: ``DiffCLTrainer(sup_loss=...)`` choices: the paper's ``D + beta E`` or the field's ``0.5 (E + D_fg)``.
+SUP_LOSS_FORMS = ("paper", "field")
+
 # stream ids of derive_seed, so different uses of the same (seed, iteration) never share a random state
 _LABELED_STREAM, _UNLABELED_STREAM, _AUGMENT, _GLOBAL_RNG, _GENERATOR = range(5)
 
@@ -76,6 +81,28 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def class_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=1, keepdim=True)`` for few classes, by running comparisons over the class channels.
+
+    Same result (the first maximal class wins ties); written by hand because on CPU a reduction over the short,
+    strided channel axis of a (B, 2, *S) volume costs more than one V-Net convolution layer (measured in
+    docs/performance.md).
+
+    Args:
+        logits: (B, C, *S) scores.
+
+    Returns:
+        (B, 1, *S) long class map.
+    """
+    best = logits[:, :1]
+    index = torch.zeros_like(best, dtype=torch.long)
+    for c in range(1, logits.shape[1]):
+        better = logits[:, c : c + 1] > best
+        index = torch.where(better, torch.full_like(index, c), index)
+        best = torch.where(better, logits[:, c : c + 1], best)
+    return index
 
 
 def derive_seed(*keys: int) -> int:
@@ -253,7 +280,14 @@ class DiffCLTrainer(Trainer):
 
     Ablation switches (paper Table 6): ``use_cps=False`` -> ``L_p^c = L_p^d = 0`` exactly and the unlabeled
     images skip the DS (and, without ``use_cl``, the CS); ``use_cl=False`` -> no memory bank, ``L_cl = 0``;
-    HF-Mamba on/off is a property of the CS network (``hfm_stages``), chosen by the builder.
+    HF-Mamba on/off is a property of the CS network (``hfm_stages``), chosen by the builder. With neither
+    ``use_cps`` nor ``use_cl`` (the supervised-only row) nothing reaches the CS from the DS, so the DS is not run at
+    all: the row costs one V-Net on the labeled images (``loss_sup_ds = 0``, the DS keeps its initial weights).
+
+    Supervised loss form (``sup_loss``, eq. 18-19): ``"paper"`` = ``D + beta E`` (Dice over all classes, CE weight
+    ``beta = beta_c lambda(t)``, Table 2); ``"field"`` = ``0.5 (E + D_fg)``, the field's supervised V-Net recipe
+    (foreground Dice with squared denominators, fixed weights; docs/results.md measures both). The cross
+    pseudo-supervision terms keep the paper's form.
 
     Output (``engine.state.output``): ``{key: float}`` for every key of ``LOSS_KEYS``; ``loss = loss_cs + loss_ds``.
 
@@ -284,7 +318,8 @@ class DiffCLTrainer(Trainer):
         cl_num_unlabeled: ``q``, unlabeled CS features sampled per iteration.
         cl_min_bank: classes with fewer bank entries are skipped (default ``cl_num_anchors``).
         bank_samples_per_class: correctly predicted labeled voxels enqueued per class per iteration and rank.
-        dice_include_background, dice_batch: ``DiceCELoss`` options.
+        dice_include_background, dice_batch: ``DiceCELoss`` options of the paper's form.
+        sup_loss: ``"paper"`` or ``"field"``, the form of the supervised losses (above).
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
         seed: base seed of every random choice.
@@ -333,6 +368,7 @@ class DiffCLTrainer(Trainer):
         bank_samples_per_class: int = 256,
         dice_include_background: bool = True,
         dice_batch: bool = True,
+        sup_loss: str = "paper",
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
         amp: bool = False,
@@ -385,6 +421,10 @@ class DiffCLTrainer(Trainer):
         self.cl_min_bank = int(cl_num_anchors if cl_min_bank is None else cl_min_bank)
         self.bank_samples_per_class = int(bank_samples_per_class)
         self.dice_ce = DiceCELoss(include_background=dice_include_background, batch=dice_batch)
+        if sup_loss not in SUP_LOSS_FORMS:
+            raise ValueError(f"sup_loss must be one of {SUP_LOSS_FORMS}, got {sup_loss!r}.")
+        self.sup_loss = sup_loss
+        self.field_dice_ce = DiceCELoss(include_background=False, batch=True, squared_pred=True)
         self.poly_lr_power = poly_lr_power
         self.seed = int(seed)
         for opt in (cs_optimizer, ds_optimizer):
@@ -490,7 +530,8 @@ class DiffCLTrainer(Trainer):
         ramp = gaussian_ramp(continuous_epoch(i, engine.state.epoch_length), self.t_max, self.ramp_peak)
         hp = self.hparams
         beta1, beta2 = hp.beta1(ramp), hp.beta2(ramp)
-        x_cs = x if (self.use_cps or self.use_cl) else x[:nl]
+        use_ds = self.use_cps or self.use_cl
+        x_cs = x if use_ds else x[:nl]
         x_ds = x if self.use_cps else x[:nl]
         for m in (self.cs_network, self.ds_network, self.cs_head, self.ds_head):
             if m is not None:
@@ -498,21 +539,22 @@ class DiffCLTrainer(Trainer):
 
         with self._autocast():
             cs_logits, cs_feat = self.cs_network(x_cs, return_features=True)  # Alg. 1 line 4
-            with torch.no_grad():
-                pseudo_cs = cs_logits[nl : x_ds.shape[0]].argmax(dim=1, keepdim=True)  # Y^u, line 5
-                y0 = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
-                t = self.diffusion.sample_timesteps(x_ds.shape[0], device, generator=gen)
-                noise = torch.randn(y0.shape, generator=gen, device=device)
-                y_t = self.diffusion.q_sample(y0, t, noise)  # eq. 5, line 6
-            ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True)  # line 7
+            if use_ds:
+                with torch.no_grad():
+                    pseudo_cs = class_argmax(cs_logits[nl : x_ds.shape[0]])  # Y^u, line 5
+                    y0 = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
+                    t = self.diffusion.sample_timesteps(x_ds.shape[0], device, generator=gen)
+                    noise = torch.randn(y0.shape, generator=gen, device=device)
+                    y_t = self.diffusion.q_sample(y0, t, noise)  # eq. 5, line 6
+                ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True)  # line 7
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         zero = cs_logits.new_zeros((), dtype=torch.float32)
-        loss_sup_cs = self.dice_ce(cs_logits[:nl], y, beta2)  # eq. 19 (line 8)
-        loss_sup_ds = self.dice_ce(ds_logits[:nl], y, beta1)  # eq. 18 (line 9)
+        loss_sup_cs = self._supervised(cs_logits[:nl], y, beta2)  # eq. 19 (line 8)
+        loss_sup_ds = self._supervised(ds_logits[:nl], y, beta1) if use_ds else zero  # eq. 18 (line 9)
         loss_cps_cs = loss_cps_ds = zero
         if self.use_cps:
-            pseudo_ds = ds_logits[nl:].detach().argmax(dim=1, keepdim=True)  # Y~u
+            pseudo_ds = class_argmax(ds_logits[nl:].detach())  # Y~u
             loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2)  # eq. 7 (line 10)
             loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1)  # eq. 6 (line 11)
         loss_cl = zero
@@ -530,17 +572,25 @@ class DiffCLTrainer(Trainer):
             self.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.scaler.step(self.cs_optimizer)  # line 14
-            self.scaler.step(self.ds_optimizer)  # line 15
+            if use_ds:
+                self.scaler.step(self.ds_optimizer)  # line 15
             self.scaler.update()
         else:
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.cs_optimizer.step()  # line 14
-            self.ds_optimizer.step()  # line 15
+            if use_ds:
+                self.ds_optimizer.step()  # line 15
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         values = (loss_sup_cs, loss_sup_ds, loss_cps_cs, loss_cps_ds, loss_cl, ramp, loss_cs, loss_ds, loss)
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in zip(LOSS_KEYS, values)}
+
+    def _supervised(self, logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+        """Supervised loss of one network on the labeled images: eq. 18 / 19 (``"paper"``) or the field's form."""
+        if self.sup_loss == "field":
+            return self.field_dice_ce(logits, y, ce_weight=0.5, dice_weight=0.5)
+        return self.dice_ce(logits, y, beta)
 
     def _contrastive(
         self,
@@ -561,11 +611,8 @@ class DiffCLTrainer(Trainer):
         """
         bank = self.memory_bank
         with torch.no_grad():  # the bank is detached: the DS head gets no gradient
-            with self._autocast():
-                ds_proj = self.ds_head(ds_feat_l)
-            feats = ds_proj.float().movedim(1, -1).reshape(-1, ds_proj.shape[1])
             labels = y.reshape(-1)
-            correct = ds_logits_l.argmax(dim=1).reshape(-1) == labels
+            correct = class_argmax(ds_logits_l).reshape(-1) == labels
             chosen = []
             for c in range(self.num_classes):
                 idx = torch.nonzero(correct & (labels == c)).flatten()
@@ -574,16 +621,25 @@ class DiffCLTrainer(Trainer):
                     idx = idx[: self.bank_samples_per_class]
                 chosen.append(idx)
             idx = torch.cat(chosen)
-            bank.enqueue(all_gather_variable(feats[idx]), all_gather_variable(labels[idx]))
+            # the (voxel-wise) DS head runs on the chosen voxels only, like the CS head below
+            feats = self._project(self.ds_head, ds_feat_l, idx)
+            bank.enqueue(all_gather_variable(feats), all_gather_variable(labels[idx]))
             anchors = bank.sample(self.cl_num_anchors, generator=gen, min_count=self.cl_min_bank)
-        # q random unlabeled voxels; the (voxel-wise, 1x1 conv) CS head runs on those voxels only, arranged as a
-        # (1, F, q, 1, 1) volume: same features, its batch-norm statistics estimated from the q sampled voxels
-        feats_u = cs_feat_u.movedim(1, -1).reshape(-1, cs_feat_u.shape[1])
-        pick = torch.randperm(feats_u.shape[0], generator=gen, device=feats_u.device)[: self.cl_num_unlabeled]
-        sampled = feats_u[pick].T.reshape((1, feats_u.shape[1], -1) + (1,) * (cs_feat_u.ndim - 3))
+        voxels = cs_feat_u.shape[0] * cs_feat_u[0, 0].numel()
+        pick = torch.randperm(voxels, generator=gen, device=cs_feat_u.device)[: self.cl_num_unlabeled]
+        return self.cl_loss(anchors, self._project(self.cs_head, cs_feat_u, pick))
+
+    def _project(self, head: nn.Module, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Projections of the voxels ``index`` (flat over batch and space) of ``features`` (B, F, *S): (n, d).
+
+        The head is voxel-wise (1x1 convolutions), so it runs on the gathered voxels arranged as a (1, F, n, 1, 1)
+        volume: the same features, its batch-norm statistics estimated from those n voxels.
+        """
+        per_case = features[0, 0].numel()
+        picked = features.reshape(features.shape[0], features.shape[1], -1)[index // per_case, :, index % per_case]
         with self._autocast():
-            b = self.cs_head(sampled)
-        return self.cl_loss(anchors, b.float().reshape(b.shape[1], -1).T)
+            out = head(picked.T.reshape((1, features.shape[1], -1) + (1,) * (features.ndim - 3)))
+        return out.float().reshape(out.shape[1], -1).T
 
 
 #: ``GuardedValidationHandler(val_error=...)`` choices.

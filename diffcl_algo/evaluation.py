@@ -197,20 +197,25 @@ def case_name_formatter(metadict: Mapping[str, Any] | None, saver: Any = None) -
 
 
 def eval_preprocessing(
-    spacing: float | Sequence[float] | None = None, case_key: str = "case", scan_norm: str = "zscore"
+    spacing: float | Sequence[float] | None = None,
+    case_key: str = "case",
+    normalize: bool = False,
+    scan_norm: str = "zscore",
 ) -> Compose:
     """Whole-volume loading (:func:`~diffcl_algo.data.val_transforms`) followed by :class:`CaseNamed`.
 
     Args:
         spacing: voxel size given to the h5 reader (None: the file's attribute, else the LA spacing).
         case_key: datalist key of the case name.
+        normalize: z-score each image volume, as the model's training did (``normalize_intensity``).
         scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
 
     Returns:
         ``Compose`` mapping ``{"image": path, "label": path[, "case": name]}`` to float32 MetaTensors (1, *S)
         plus ``"case"``.
     """
-    return Compose([val_transforms(spacing=spacing, scan_norm=scan_norm), CaseNamed("image", case_key=case_key)])
+    chain = val_transforms(spacing=spacing, normalize=normalize, scan_norm=scan_norm)
+    return Compose([chain, CaseNamed("image", case_key=case_key)])
 
 
 def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> Compose:

@@ -21,45 +21,59 @@ __all__ = ["DiceCELoss", "ContrastiveLabelPropagationLoss"]
 
 
 class DiceCELoss(nn.Module):
-    """``D(P, y) + ce_weight * E(P, y)`` with ``P = softmax(logits)`` (eq. 6-9, 18-21).
+    """``dice_weight * D(P, y) + ce_weight * E(P, y)`` with ``P = softmax(logits)`` (eq. 6-9, 18-21).
+
+    The paper's form is ``D + beta E`` over all classes (``include_background=True``, ``dice_weight=1``). The field's
+    supervised V-Net recipe (UA-MT / SSL4MIS ``train_LA``) is ``0.5 * (E + D_fg)``: the Dice of the foreground only,
+    with squared terms in the denominator (``include_background=False, squared_pred=True``, weights 0.5 / 0.5).
 
     Args:
         include_background: whether the Dice term averages over the background class too (the paper's
             ``D`` is class-agnostic; default True, i.e. mean over all ``C`` classes).
         batch: compute the Dice intersection/union over the whole batch before dividing (the field's
             SSL4MIS ``DiceLoss`` convention) instead of per sample.
+        squared_pred: ``sum(P^2) + sum(y^2)`` in the Dice denominator (the field's ``dice_loss``).
         smooth_nr, smooth_dr: Dice smoothing constants (``monai.losses.DiceLoss``).
     """
 
     def __init__(
-        self, include_background: bool = True, batch: bool = True, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5
+        self,
+        include_background: bool = True,
+        batch: bool = True,
+        squared_pred: bool = False,
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
     ) -> None:
         super().__init__()
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
             softmax=True,
+            squared_pred=squared_pred,
             batch=batch,
             smooth_nr=smooth_nr,
             smooth_dr=smooth_dr,
         )
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, ce_weight: float) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, ce_weight: float, dice_weight: float = 1.0
+    ) -> torch.Tensor:
         """Compute the pair.
 
         Args:
             logits: (B, C, *S) raw network output (softmax is applied here).
             target: (B, 1, *S) or (B, *S) integer class map (ground truth or a detached argmax pseudo-label).
             ce_weight: weight of the cross-entropy term (``beta`` or ``lambda``).
+            dice_weight: weight of the Dice term.
 
         Returns:
-            0-d tensor ``D + ce_weight * E``; both terms averaged over voxels/classes.
+            0-d tensor ``dice_weight * D + ce_weight * E``; both terms averaged over voxels/classes.
         """
         if target.ndim == logits.ndim - 1:
             target = target.unsqueeze(1)
         target = target.long()
         logits = logits.float()
-        dice = self.dice(logits, target)
+        dice = self.dice(logits, target) * dice_weight
         if ce_weight == 0:
             return dice
         ce = F.cross_entropy(logits, target[:, 0])

@@ -14,7 +14,8 @@ MONAI transforms, all invertible except the intensity steps:
    in the field's crop;
 4. ``Orientationd`` to the model's axis codes (``orientation``) and ``Spacingd`` to the training voxel size
    (``model_spacing``); the field's h5 files already have both (no-ops there);
-5. optional per-volume z-score (``normalize``, ``NormalizeIntensityd``) when training used one;
+5. a z-score of the volume as the network sees it (``NormalizeIntensityd``) when training used one
+   (``normalize``: the bundles' ``normalize_intensity``) or when the dataset z-scored its crops (Pancreas);
 6. float32 tensor and the case name (:class:`~diffcl_algo.evaluation.CaseNamed`).
 
 :func:`scan_postprocessing` then undoes steps 3-4 on the class probabilities with MONAI's ``Invertd`` (linear
@@ -44,7 +45,7 @@ from monai.transforms import (
 )
 from torch import nn
 
-from diffcl_algo.data.intensity import ScanNormalized
+from diffcl_algo.data.intensity import ZSCORE_AFTER_CROP, ScanNormalized
 from diffcl_algo.data.io import LoadH5d
 from diffcl_algo.evaluation import CaseNamed, case_name_formatter
 from diffcl_algo.inference import DiffCLSlidingWindowInferer
@@ -88,7 +89,7 @@ def scan_preprocessing(
             ``"RAS"``). None: the scan's own voxel order.
         roi: voxel box ``[x0, y0, z0, x1, y1, z1]`` of the input scan to segment (clipped to the scan), or None
             for the whole scan.
-        normalize: z-score the (cropped, resampled) volume again, as training does with its ``normalize`` option.
+        normalize: z-score the (cropped, resampled) volume again, as training does with ``normalize_intensity``.
         spacing: voxel size of h5 inputs (see :class:`~diffcl_algo.data.io.LoadH5d`).
         scan_norm: the dataset's normalisation of raw scans (:data:`~diffcl_algo.data.intensity.SCAN_NORMS`).
         keys: image key(s).
@@ -105,7 +106,7 @@ def scan_preprocessing(
         steps.append(Orientationd(keys, axcodes=str(orientation), labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if model_spacing is not None:
         steps.append(Spacingd(keys, pixdim=model_spacing, mode="bilinear"))
-    if normalize:
+    if normalize or scan_norm in ZSCORE_AFTER_CROP:
         steps.append(NormalizeIntensityd(keys))
     steps += [EnsureTyped(keys, dtype=torch.float32), CaseNamed(keys)]
     return Compose(steps)

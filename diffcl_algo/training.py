@@ -297,6 +297,10 @@ def build_trainer(
     bank_samples_per_class: int = 256,
     t_max: float = 300.0,
     unsup_ramp: bool = False,
+    sup_loss: str = "paper",
+    residual: bool = True,
+    dropout: float = 0.0,
+    normalize_intensity: bool = False,
     sw_batch_size: int = 1,
     spacing: Optional[Sequence[float]] = None,
     progress: bool = True,
@@ -342,6 +346,9 @@ def build_trainer(
         bank_capacity, bank_samples_per_class: memory bank size and per-iteration enqueue per class.
         t_max: ramp length in epochs (paper 300).
         unsup_ramp: also ramp the unsupervised weights (``DiffCLTrainer``'s ``unsup_ramp``).
+        sup_loss: supervised loss form, ``"paper"`` or ``"field"`` (``DiffCLTrainer``'s ``sup_loss``).
+        residual, dropout: CS V-Net options (``VNet``).
+        normalize_intensity: z-score each image volume in training and validation.
         sw_batch_size: sliding-window batch of validation.
         spacing: voxel spacing for reading h5 files and for hd95/asd (None: voxel units).
         progress: show a tqdm progress bar.
@@ -403,6 +410,10 @@ def build_trainer(
         bank_samples_per_class=bank_samples_per_class,
         t_max=t_max,
         unsup_ramp=bool(unsup_ramp),
+        sup_loss=sup_loss,
+        residual=bool(residual),
+        dropout=float(dropout),
+        normalize_intensity=bool(normalize_intensity),
         sw_batch_size=sw_batch_size,
         spacing=None if spacing is None else [float(s) for s in spacing],
         progress=bool(progress),

@@ -222,11 +222,13 @@ def test_la_cpu_protocol_layers_over_train_and_evaluate(datasets, tmp_path):
         config_file=["bundles/la/configs/train.yaml", cpu],
         workflow_type="train",
         run_id="training",
-        **dict(small, dataset_dir=datasets["la"], output_dir=str(tmp_path / "run"), num_labeled=4, dataset_name=None),
+        **dict(small, dataset_dir=datasets["la"], output_dir=str(tmp_path / "run"), num_labeled=4, dataset_name=None,
+               num_test_holdout=1),
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.unsup_ramp is True and trainer.t_max == 40.0
+    assert trainer.unsup_ramp is True  # and the ramp spans the whole run:
+    assert trainer.t_max == pytest.approx(trainer.max_iterations / trainer.state.epoch_length)
     assert wf.parser["patch_size"] == [48, 48, 32] and wf.parser["n_filters"] == 8
     _run(wf)
     ev = ConfigWorkflow(

@@ -84,13 +84,15 @@ def test_ablation_switches(data_dir, tmp_path, use_cps, use_hfm, use_cl):
     trainer.run()
     close_trainer(trainer)
     out = trainer.state.output
+    uses_ds = use_cps or use_cl
     assert all(np.isfinite(v) for v in out.values())
-    assert out["loss_sup_cs"] > 0 and out["loss_sup_ds"] > 0
+    assert out["loss_sup_cs"] > 0 and (out["loss_sup_ds"] > 0) == uses_ds
     assert (out["loss_cps_cs"] == 0.0 and out["loss_cps_ds"] == 0.0) == (not use_cps)
     assert (out["loss_cl"] == 0.0) == (not use_cl)
     assert (trainer.memory_bank is None) == (not use_cl)
     assert any(isinstance(m, HFMamba) for m in trainer.cs_network.modules()) == use_hfm
-    assert _changed(cs_before, trainer.cs_network) and _changed(ds_before, trainer.ds_network)
+    assert _changed(cs_before, trainer.cs_network)
+    assert _changed(ds_before, trainer.ds_network) == uses_ds  # the supervised-only row runs one V-Net
 
 
 def _full_state(trainer):

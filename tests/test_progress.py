@@ -47,7 +47,7 @@ def test_case_progress_log_lines_and_bar(caplog, capsys):
     CaseProgress("validation", progress=False).attach(evaluator)
     with caplog.at_level(logging.INFO, logger="diffcl_algo.progress"):
         evaluator.run(range(2))
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffcl_algo.progress"]
     assert lines[0].startswith("validation case 1/2 (la_001: Dice 0.5000) after ")
     assert lines[1].startswith("validation case 2/2 (la_002: Dice 1.0000) after ")
 
@@ -70,7 +70,7 @@ def test_validation_log_names_iteration_and_epoch(caplog):
         trainer.state.iteration = 288
         evaluator.state.metrics = {"val_mean_dice": 0.7}
         log(evaluator)
-    first, second = (r.getMessage() for r in caplog.records)
+    first, second = (r.getMessage() for r in caplog.records if r.name == "diffcl_algo.validation")
     assert first == (
         "validation at iteration 256 (epoch 8.00): val_mean_dice: 0.8123, val_hd95: 3.5000; "
         "best val_mean_dice 0.8123 at iteration 256"

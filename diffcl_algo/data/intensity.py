@@ -8,9 +8,9 @@ Modes (:data:`SCAN_NORMS`), each from MONAI intensity transforms on the whole sc
   applied before its crop around the atrium;
 - ``"zscore_nonzero"`` (BraTS): the upper 99.9th percentile clipped, then the z-score of the nonzero voxels
   (:func:`~diffcl_algo.data.brats.brats_transforms`);
-- ``"ct_window"`` (Pancreas): the soft-tissue window [-120, 240] HU scaled to [0, 1]
-  (:func:`~diffcl_algo.data.pancreas.prepare_pancreas`; its z-score of the cropped volume is the bundles'
-  ``normalize`` step, which follows the crop);
+- ``"ct_window"`` (Pancreas): the soft-tissue window [-120, 240] HU scaled to [0, 1], then the z-score
+  (:func:`~diffcl_algo.data.pancreas.prepare_pancreas` z-scores the volume cropped around the pancreas, so inference
+  z-scores again after its region of interest: :data:`ZSCORE_AFTER_CROP`);
 - ``"none"``: intensities as stored.
 """
 
@@ -32,9 +32,11 @@ from monai.utils import ImageMetaKey
 
 from diffcl_algo.data.io import is_h5
 
-__all__ = ["SCAN_NORMS", "ScanNormalized"]
+__all__ = ["SCAN_NORMS", "ZSCORE_AFTER_CROP", "ScanNormalized"]
 
 SCAN_NORMS = ("zscore", "zscore_nonzero", "ct_window", "none")
+#: Modes whose dataset z-scored the cropped volume, not the whole scan (the z-score is taken again after an ROI).
+ZSCORE_AFTER_CROP = ("ct_window",)
 
 
 def _normalizer(mode: str) -> Compose:
@@ -43,7 +45,9 @@ def _normalizer(mode: str) -> Compose:
     if mode == "zscore_nonzero":
         return Compose([ClipIntensityPercentiles(lower=None, upper=99.9), NormalizeIntensity(nonzero=True)])
     if mode == "ct_window":
-        return Compose([ScaleIntensityRange(a_min=-120.0, a_max=240.0, b_min=0.0, b_max=1.0, clip=True)])
+        return Compose(
+            [ScaleIntensityRange(a_min=-120.0, a_max=240.0, b_min=0.0, b_max=1.0, clip=True), NormalizeIntensity()]
+        )
     return Compose([])
 
 

@@ -1,0 +1,137 @@
+"""Run and tabulate the reduced CPU protocol on LA (docs/results.md): every row scored on the report split.
+
+Each run trains one row, then evaluates both its last weights and its selected ``model.pt`` on the report split (the
+last ``num_test_holdout`` cases of train.list, never used to train or select) with the bundle's ``evaluating``
+workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mean and std over seeds.
+
+    python experiments/la_cpu.py run reference --num_labeled 8 --seed 0
+    python experiments/la_cpu.py run sup --num_labeled 8 --seed 0 --set "sup_loss=field dropout=0.5"
+    python experiments/la_cpu.py table --rows "reference sup"
+
+Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``) and the Table 6 rows
+``sup``, ``cps``, ``cps_hfm``, ``full`` of the bundle; ``--set`` adds bundle overrides (``id=value`` pairs) and
+``--name`` names the result folder (default: the row).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+from reference_supervised import train_reference  # noqa: E402
+
+TRAIN = [str(REPO / "bundles/la/configs/train.yaml"), str(REPO / "bundles/la/configs/cpu.yaml")]
+EVALUATE = [str(REPO / "bundles/la/configs/evaluate.yaml"), str(REPO / "bundles/la/configs/cpu.yaml")]
+#: Table 6 rows as bundle switches.
+ROWS = {
+    "sup": {"use_cps": "false", "use_hfm": "false", "use_cl": "false"},
+    "cps": {"use_cps": "true", "use_hfm": "false", "use_cl": "false"},
+    "cps_hfm": {"use_cps": "true", "use_hfm": "true", "use_cl": "false"},
+    "full": {"use_cps": "true", "use_hfm": "true", "use_cl": "true"},
+}
+#: Network / data ids that evaluation must share with training.
+SHARED_IDS = ("use_hfm", "residual", "normalize_intensity", "n_filters", "norm", "dataset_dir")
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def _parse_set(pairs: str) -> dict[str, str]:
+    out = {}
+    for pair in str(pairs or "").split():
+        if "=" not in pair:
+            raise ValueError(f"--set expects id=value pairs separated by spaces, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = value
+    return out
+
+
+def _bundle(workflow: str, configs: list[str], overrides: dict[str, str], log: Path) -> None:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", str(configs)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{workflow} failed (exit {done.returncode}); see {log}")
+
+
+def _last_weights(run_dir: Path) -> Path:
+    """``model_last.pt``: the CS weights of the final ``train_state.pt``."""
+    state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    path = run_dir / "model_last.pt"
+    torch.save(state["cs_network"], path)
+    return path
+
+
+def _scores(eval_dir: Path) -> dict:
+    summary = json.loads((eval_dir / "metrics_summary.json").read_text())
+    cases = {}
+    for line in (eval_dir / "metrics.csv").read_text().splitlines()[1:]:
+        name, *values = line.split(",")
+        cases[name] = dict(zip(METRICS, map(float, values)))
+    return {"mean": {m: summary["metrics"][m]["mean"] for m in METRICS}, "cases": cases}
+
+
+def run(row: str, num_labeled: int = 8, seed: int = 0, set: str = "", name: str = "", root: str = "runs/cpu") -> None:
+    """Train one row and score its last and selected weights on the report split (``summary.json``)."""
+    extra = _parse_set(set)
+    run_dir = REPO / root / (name or row) / f"l{num_labeled}_s{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    common = {"num_labeled": num_labeled, "seed": seed, **extra}
+    weights = {}
+    if row == "reference":
+        weights["last"] = Path(train_reference(TRAIN, str(run_dir), overrides=common))
+        shared = {"use_hfm": "false", "residual": "false"}
+    elif row in ROWS:
+        _bundle("training", TRAIN, {**ROWS[row], **common, "output_dir": str(run_dir)}, run_dir / "train.out")
+        weights["last"], weights["selected"] = _last_weights(run_dir), run_dir / "model.pt"
+        shared = {}
+    else:
+        raise ValueError(f"unknown row {row!r}; known: reference, {', '.join(ROWS)}")
+    shared = {**{k: v for k, v in {**ROWS.get(row, {}), **common}.items() if k in SHARED_IDS}, **shared}
+    summary = {"row": row, "name": name or row, "num_labeled": num_labeled, "seed": seed, "overrides": extra}
+    for kind, path in weights.items():
+        eval_dir = run_dir / f"eval_{kind}"
+        _bundle("evaluating", EVALUATE, {**shared, "ckpt_path": str(path), "output_dir": str(eval_dir)},
+                run_dir / f"eval_{kind}.out")
+        summary[kind] = _scores(eval_dir)
+    state_file = run_dir / "train_state.pt"
+    if state_file.exists():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        summary["selected_iteration"] = int(state.get("best_iteration", -1))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k]["mean"] for k in weights}, indent=1))
+
+
+def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
+    """Markdown table of the named result folders: mean +- sample std over seeds and the per-seed values."""
+    lines = [f"| row | labeled | weights | seeds | {metric} mean ± std | per seed |", "|---|---|---|---|---|---|"]
+    for name in str(rows).split() or sorted(p.name for p in (REPO / root).iterdir()):
+        summaries = [json.loads(p.read_text()) for p in sorted((REPO / root / name).glob("l*_s*/summary.json"))]
+        for labeled in sorted({s["num_labeled"] for s in summaries}, reverse=True):
+            group = sorted((s for s in summaries if s["num_labeled"] == labeled), key=lambda s: s["seed"])
+            for kind in ("last", "selected"):
+                values = [s[kind]["mean"][metric] for s in group if kind in s]
+                if not values:
+                    continue
+                std = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+                per_seed = ", ".join(f"s{s['seed']} {s[kind]['mean'][metric]:.3f}" for s in group if kind in s)
+                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {np.mean(values):.3f} ± {std:.3f} "
+                             f"| {per_seed} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    fire.Fire({"run": run, "table": table})

@@ -1,0 +1,126 @@
+"""Options of the CS supervision and of the honest split: the field's loss form, plain stages and dropout,
+per-volume intensity normalisation, the report split (``num_test_holdout``), one V-Net for the supervised row."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+from tiny_settings import SMALL_TRAIN
+
+from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.data.transforms import train_transforms, val_transforms
+from diffcl_algo.losses import DiceCELoss
+from diffcl_algo.networks import VNet
+from diffcl_algo.training import build_trainer, close_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+LA = REPO / "bundles" / "la" / "configs"
+
+
+def _field_dice_loss(score: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The field's ``dice_loss`` (UA-MT / SSL4MIS ``utils/losses.py``), copied from its published form."""
+    smooth = 1e-5
+    intersect = torch.sum(score * target)
+    y_sum = torch.sum(target * target)
+    z_sum = torch.sum(score * score)
+    return 1 - (2 * intersect + smooth) / (z_sum + y_sum + smooth)
+
+
+def test_field_loss_form_matches_the_field():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, 4)
+    label = (torch.rand(2, 1, 8, 8, 4) > 0.6).long()
+    ours = DiceCELoss(include_background=False, squared_pred=True)(logits, label, ce_weight=0.5, dice_weight=0.5)
+    soft = F.softmax(logits, dim=1)
+    field = 0.5 * (F.cross_entropy(logits, label[:, 0]) + _field_dice_loss(soft[:, 1], (label[:, 0] == 1).float()))
+    assert ours.item() == pytest.approx(field.item(), rel=1e-5)
+    paper = DiceCELoss()(logits, label, ce_weight=0.02)
+    assert paper.item() != pytest.approx(field.item(), rel=1e-2)
+
+
+def test_normalize_intensity_z_scores_each_volume(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "la", num_cases=3, shape=(36, 34, 20), seed=1)
+    case = next(p for p in sorted(root.rglob("*.h5")))
+    item = {"image": str(case), "label": str(case)}
+    raw = val_transforms()(dict(item))["image"]
+    scaled = raw * 180 + 400  # the same anatomy at another intensity scale
+    z = val_transforms(normalize=True)(dict(item))["image"]
+    assert float(z.mean()) == pytest.approx(0.0, abs=1e-4) and float(z.std(unbiased=False)) == pytest.approx(1.0, 1e-3)
+    expected = (scaled - scaled.mean()) / scaled.std(unbiased=False)
+    assert torch.allclose(z.as_tensor(), expected.as_tensor(), atol=1e-3)
+    patch = train_transforms((16, 16, 16), normalize=True)(dict(item))["image"]
+    assert patch.shape == (1, 16, 16, 16) and float(patch.abs().max()) < 20
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return str(make_synthetic_dataset(root / "la", num_cases=6, shape=(36, 34, 20), seed=0, num_test=2))
+
+
+def test_supervised_row_trains_one_vnet_with_the_field_options(data_dir, tmp_path):
+    trainer = build_trainer(
+        data_dir, max_iterations=2, output_dir=str(tmp_path), use_cps=False, use_hfm=False, use_cl=False,
+        sup_loss="field", residual=False, dropout=0.5, normalize_intensity=True, **dict(SMALL_TRAIN, val_interval=0)
+    )
+    net = trainer.cs_network
+    assert not net.block_two.residual and net.dropout.p == 0.5
+    ds_before = [p.detach().clone() for p in trainer.ds_network.parameters()]
+    trainer.run()
+    close_trainer(trainer)
+    out = trainer.state.output
+    assert out["loss_sup_ds"] == 0.0 and 0 < out["loss_sup_cs"] < 1.5
+    assert all(torch.equal(a, b) for a, b in zip(ds_before, trainer.ds_network.parameters()))
+
+
+def test_unknown_supervised_loss_form_is_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="sup_loss must be one of"):
+        build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), sup_loss="fild",
+                      **dict(SMALL_TRAIN, val_interval=0))
+
+
+def _parser(files, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.update(overrides)
+    return parser
+
+
+def test_report_split_is_never_trained_or_selected_on(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "la", num_cases=30, shape=(20, 20, 16), seed=2, num_test=1)
+    os.remove(root / "test.list")  # as in the CPU protocol's copy of LA: the split comes from train.list alone
+    names = (root / "train.list").read_text().split()
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the LA configs' macros resolve from the repository root
+    try:
+        train = _parser([LA / "train.yaml", LA / "cpu.yaml"], dataset_dir=str(root), num_labeled=4, check_data=False)
+        labeled, unlabeled = train.get_parsed_content("data#labeled"), train.get_parsed_content("data#unlabeled")
+        validation = train.get_parsed_content("data#validation")
+        evaluate = _parser([LA / "evaluate.yaml", LA / "cpu.yaml"], dataset_dir=str(root), check_data=False)
+        report = evaluate.get_parsed_content("data#cases")
+    finally:
+        os.chdir(cwd)
+
+    def case(d):
+        return Path(d["image"]).parent.name
+
+    assert [case(d) for d in report] == names[-16:]
+    assert [case(d) for d in validation] == names[-24:-16]
+    assert [case(d) for d in labeled] == names[:4]
+    assert [case(d) for d in unlabeled] == names[4:-24]
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_plain_and_residual_stages_load_each_other(residual):
+    a = VNet(3, 1, 2, n_filters=4, residual=residual, dropout=0.5)
+    b = VNet(3, 1, 2, n_filters=4, residual=not residual)
+    b.load_state_dict(a.state_dict())  # same parameters: only the forward differs
+    x = torch.randn(1, 1, 16, 16, 16)
+    a.eval(), b.eval()
+    assert not np.allclose(a(x).detach().numpy(), b(x).detach().numpy())
