@@ -84,6 +84,7 @@ __all__ = [
     "eval_postprocessing",
     "eval_preprocessing",
     "evaluate",
+    "save_prediction",
 ]
 
 #: Metadata key holding the case name (set by :class:`CaseNamed`, read by :func:`case_name_formatter`).
@@ -230,21 +231,25 @@ def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> 
     """
     transforms: list = [AsDiscreted(keys="pred", argmax=True)]
     if save_predictions:
-        transforms.append(
-            SaveImaged(
-                keys="pred",
-                output_dir=str(output_dir),
-                output_postfix="",
-                output_ext=_PREDICTION_EXT,
-                output_dtype=np.uint8,
-                resample=False,
-                separate_folder=False,
-                print_log=False,
-                output_name_formatter=case_name_formatter,
-                savepath_in_metadict=True,
-            )
-        )
+        transforms.append(save_prediction(output_dir))
     return Compose(transforms)
+
+
+def save_prediction(output_dir: PathLike, key: str = "pred") -> SaveImaged:
+    """``SaveImaged`` writing ``data[key]`` as ``<output_dir>/<case>.nii.gz``: a uint8 label map on the tensor's own
+    grid and affine (no resampling), its path recorded in the metadata (``saved_to``)."""
+    return SaveImaged(
+        keys=key,
+        output_dir=str(output_dir),
+        output_postfix="",
+        output_ext=_PREDICTION_EXT,
+        output_dtype=np.uint8,
+        resample=False,
+        separate_folder=False,
+        print_log=False,
+        output_name_formatter=case_name_formatter,
+        savepath_in_metadict=True,
+    )
 
 
 def _items(batch: Any, output: Any) -> list[tuple[Mapping, Mapping]]:

@@ -50,7 +50,25 @@ def _case(item: Mapping[str, Any]) -> str:
     return "?"
 
 
-class IterationProgressBar:
+class _Bar:
+    """A tqdm bar opened by a subclass, closed when its engine completes or fails."""
+
+    bar: tqdm | None = None
+
+    def attach_bar(self, engine: Engine, opened: Any, updated: Any, closed: Any) -> None:
+        """Open the bar on ``opened``, call ``self.update`` on ``updated``, close it on ``closed`` or a failure."""
+        engine.add_event_handler(opened, self.open)
+        engine.add_event_handler(updated, self.update)
+        engine.add_event_handler(closed, self.close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.close)
+
+    def close(self, engine: Engine, *_: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class IterationProgressBar(_Bar):
     """tqdm bar over the training run, ``iteration / max_iterations`` (ETA of the whole run), with the losses.
 
     Args:
@@ -61,34 +79,25 @@ class IterationProgressBar:
     def __init__(self, max_iterations: int, keys: Sequence[str] = ()) -> None:
         self.max_iterations = int(max_iterations)
         self.keys = tuple(keys)
-        self.bar: tqdm | None = None
 
     def attach(self, engine: Engine) -> None:
         """Open on ``STARTED`` (from the resumed iteration), step on ``ITERATION_COMPLETED``, close at the end."""
-        engine.add_event_handler(Events.STARTED, self.open)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.step)
-        engine.add_event_handler(Events.COMPLETED, self.close)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self.close)
+        self.attach_bar(engine, Events.STARTED, Events.ITERATION_COMPLETED, Events.COMPLETED)
 
     def open(self, engine: Engine) -> None:
         self.bar = tqdm(
             total=self.max_iterations, initial=int(engine.state.iteration), desc="training", unit="it", leave=True
         )
 
-    def step(self, engine: Engine) -> None:
+    def update(self, engine: Engine) -> None:
         if self.bar is None:
             return
         output = engine.state.output if isinstance(engine.state.output, Mapping) else {}
         self.bar.set_postfix({k: f"{float(output[k]):.4f}" for k in self.keys if k in output}, refresh=False)
         self.bar.update(int(engine.state.iteration) - self.bar.n)
 
-    def close(self, engine: Engine, *_: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
-
-class CaseProgress:
+class CaseProgress(_Bar):
     """Per-case progress of an evaluator: ``<desc> case i/n (<case>): Dice d`` as each case finishes.
 
     With ``progress`` a tqdm bar (stderr) counts the cases and shows the last case and its Dice; without it each
@@ -103,23 +112,19 @@ class CaseProgress:
     def __init__(self, desc: str = "evaluation", progress: bool | None = None) -> None:
         self.desc = desc
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
-        self.bar: tqdm | None = None
         self.done = 0
         self.started = 0.0
 
     def attach(self, engine: Engine) -> None:
         """Reset on ``EPOCH_STARTED``, report on ``ITERATION_COMPLETED``, close on ``EPOCH_COMPLETED``."""
-        engine.add_event_handler(Events.EPOCH_STARTED, self.open)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.case_done)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.close)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self.close)
+        self.attach_bar(engine, Events.EPOCH_STARTED, Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED)
 
     def open(self, engine: Engine) -> None:
         self.done, self.started = 0, time.perf_counter()
         if self.progress:
             self.bar = tqdm(total=engine.state.epoch_length, desc=self.desc, unit="case", leave=True)
 
-    def case_done(self, engine: Engine) -> None:
+    def update(self, engine: Engine) -> None:
         output = engine.state.output
         items = decollate_batch(output) if isinstance(output, Mapping) else list(output or [])
         for item in items:
@@ -136,10 +141,6 @@ class CaseProgress:
                 elapsed = time.perf_counter() - self.started
                 logger.info(f"{self.desc} case {self.done}/{total} ({text}) after {elapsed:.1f} s")
 
-    def close(self, engine: Engine, *_: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class ValidationLog:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
-import numpy as np
 import torch
 from monai.config import KeysCollection, PathLike
 from monai.data import MetaTensor
@@ -39,7 +38,6 @@ from monai.transforms import (
     Invertd,
     NormalizeIntensityd,
     Orientationd,
-    SaveImaged,
     Spacingd,
     SpatialCropd,
 )
@@ -47,13 +45,10 @@ from torch import nn
 
 from diffcl_algo.data.intensity import ZSCORE_AFTER_CROP, ScanNormalized
 from diffcl_algo.data.io import LoadH5d
-from diffcl_algo.evaluation import CaseNamed, case_name_formatter
+from diffcl_algo.evaluation import CaseNamed, save_prediction
 from diffcl_algo.inference import DiffCLSlidingWindowInferer
 
 __all__ = ["check_roi", "scan_preprocessing", "scan_postprocessing", "predict_scan"]
-
-PREDICTION_EXT = ".nii.gz"
-
 
 def check_roi(roi: Sequence[int] | None) -> tuple[list[int], list[int]] | None:
     """``(start, end)`` voxel indices of a region of interest ``[x0, y0, z0, x1, y1, z1]`` (end exclusive).
@@ -133,20 +128,7 @@ def scan_postprocessing(
     if argmax or output_dir is not None:
         steps.append(AsDiscreted(keys=pred_key, argmax=True))
     if output_dir is not None:
-        steps.append(
-            SaveImaged(
-                keys=pred_key,
-                output_dir=str(output_dir),
-                output_postfix="",
-                output_ext=PREDICTION_EXT,
-                output_dtype=np.uint8,
-                resample=False,
-                separate_folder=False,
-                print_log=False,
-                output_name_formatter=case_name_formatter,
-                savepath_in_metadict=True,
-            )
-        )
+        steps.append(save_prediction(output_dir, pred_key))
     return Compose(steps)
 
 
