@@ -35,7 +35,8 @@ MODES = {  # the four rows of Table 6, so the overhead splits into its parts
 def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> DiffCLTrainer:
     torch.manual_seed(0)
     nets = build_networks(num_classes=2, n_filters=args.n_filters, use_hfm=mode["use_hfm"])
-    nets = {k: v.to(device) for k, v in nets.items()}
+    memory_format = torch.channels_last_3d if args.channels_last else torch.preserve_format
+    nets = {k: v.to(device, memory_format=memory_format) for k, v in nets.items()}
     cs_params = list(nets["cs_network"].parameters()) + list(nets["cs_head"].parameters())
     ds_params = list(nets["ds_network"].parameters()) + list(nets["ds_head"].parameters())
     return DiffCLTrainer(
@@ -112,10 +113,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bfloat16", "float16"])
     parser.add_argument("--profile", type=int, default=0, help="print the top N operators of a full iteration")
+    parser.add_argument("--channels_last", action="store_true", help="V-Nets in channels-last memory order")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}, patch {tuple(args.patch)}, n_filters {args.n_filters}, batch 2+2")
+    layout = "channels-last" if args.channels_last else "contiguous"
+    print(f"torch {torch.__version__}, {name}, patch {tuple(args.patch)}, n_filters {args.n_filters}, 2+2, {layout}")
     print(f"{'precision':>10} {'mode':>16} {'s/iter':>8} {'peak GiB':>9}")
     for amp in args.amp:
         results = {}

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffcl_algo.checkpoint import unwrap
+from diffcl_algo.data.transforms import HIDDEN_LABEL
 from diffcl_algo.diffusion import GaussianDiffusion
 from diffcl_algo.losses import ContrastiveLabelPropagationLoss, DiceCELoss
 from diffcl_algo.memory_bank import ClassMemoryBank, all_gather_variable
@@ -137,7 +138,8 @@ class IterationBatchDataset(Dataset):
 
     Returns (item):
         ``{"image": (b_l + b_u, C, *patch) float, "label": (b_l, 1, *patch) float, "iteration": i}``, labeled
-        images first.
+        images first; plus ``"hidden_label"`` (b_u, 1, *patch) when the unlabeled transform yields that key for
+        every unlabeled sample (pseudo-label monitoring only; training never reads it).
     """
 
     def __init__(
@@ -210,15 +212,28 @@ class IterationBatchDataset(Dataset):
             images.append(_plain(out["image"]))
             labels.append(_plain(out["label"]))
         offset = bl * self.world_size
+        hidden = []
         for k, j in enumerate(unl):
             out = self._apply(self.unlabeled_transform, self.unlabeled[j], iteration, offset + self.rank * bu + k)
             images.append(_plain(out["image"]))
-        return {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "iteration": iteration}
+            if HIDDEN_LABEL in out:
+                hidden.append(_plain(out[HIDDEN_LABEL]))
+        batch = {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "iteration": iteration}
+        if hidden and len(hidden) == len(unl):
+            batch[HIDDEN_LABEL] = torch.stack(hidden).float()
+        return batch
 
 
 def _plain(x: Any) -> torch.Tensor:
     x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
     return x
+
+
+def _foreground_dice(prediction: torch.Tensor, label: torch.Tensor) -> float:
+    """Dice of the foreground (class > 0) of two (B, 1, *S) class maps over the whole batch (1.0 when both empty)."""
+    p, y = prediction > 0, label > 0
+    total = int(p.sum() + y.sum())
+    return 1.0 if total == 0 else 2.0 * int((p & y).sum()) / total
 
 
 class IterationSampler(Sampler[int]):
@@ -271,8 +286,9 @@ class DiffCLTrainer(Trainer):
     5. ``L_p^c = D(P^u, argmax P~u) + lambda2 E`` (eq. 7), ``L_p^d = D(P~u, argmax P^u) + lambda1 E`` (eq. 6).
     6. Memory bank: DS-head projections of labeled voxels that DS predicted correctly, at most
        ``bank_samples_per_class`` random voxels per class (gathered across DDP ranks), are enqueued; then ``p``
-       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b`` (the voxel-wise head
-       is applied to the ``q`` sampled voxels only; its batch-norm statistics come from them); ``L_cl`` (eq. 11-15).
+       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b``; ``L_cl`` (eq. 11-15).
+       Both voxel-wise heads run on the chosen voxels only (their batch-norm statistics come from them), not on
+       whole feature maps.
        The DS head gets no gradient: ``L_cl`` enters only the CS loss (eq. 17, 22) and the bank is detached.
     7. ``L^d = L_s^d + mu1 L_p^d`` (eq. 16); ``L^c = L_s^c + mu2 (L_p^c + eta L_cl)`` (eq. 17, 22).
     8. ``(L^c + L^d).backward()`` (the two losses share no parameters: pseudo-labels and ``Y_0`` are detached),
@@ -290,6 +306,9 @@ class DiffCLTrainer(Trainer):
     pseudo-supervision terms keep the paper's form.
 
     Output (``engine.state.output``): ``{key: float}`` for every key of ``LOSS_KEYS``; ``loss = loss_cs + loss_ds``.
+    With cross pseudo-supervision and a batch carrying ``"hidden_label"`` (``monitor_pseudo_labels``), also
+    ``pseudo_dice_cs`` / ``pseudo_dice_ds``: the foreground Dice of this iteration's CS / DS pseudo-labels of the
+    unlabeled patches against their hidden labels (logged only; nothing is trained on them).
 
     Args:
         device: training device.
@@ -320,6 +339,9 @@ class DiffCLTrainer(Trainer):
         bank_samples_per_class: correctly predicted labeled voxels enqueued per class per iteration and rank.
         dice_include_background, dice_batch: ``DiceCELoss`` options of the paper's form.
         sup_loss: ``"paper"`` or ``"field"``, the form of the supervised losses (above).
+        ds_pseudo_steps: 0 (default): the DS pseudo-labels of eq. 7 are the argmax of this iteration's DS output,
+            whose input is the noised CS pseudo-label; ``k >= 1``: they come from ``k`` DDIM steps started from pure
+            noise (``GaussianDiffusion.ddim_sample``, no gradient), as the DS would segment at inference.
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
         seed: base seed of every random choice.
@@ -369,6 +391,7 @@ class DiffCLTrainer(Trainer):
         dice_include_background: bool = True,
         dice_batch: bool = True,
         sup_loss: str = "paper",
+        ds_pseudo_steps: int = 0,
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
         amp: bool = False,
@@ -425,6 +448,9 @@ class DiffCLTrainer(Trainer):
             raise ValueError(f"sup_loss must be one of {SUP_LOSS_FORMS}, got {sup_loss!r}.")
         self.sup_loss = sup_loss
         self.field_dice_ce = DiceCELoss(include_background=False, batch=True, squared_pred=True)
+        if int(ds_pseudo_steps) < 0:
+            raise ValueError(f"ds_pseudo_steps must be >= 0, got {ds_pseudo_steps}.")
+        self.ds_pseudo_steps = int(ds_pseudo_steps)
         self.poly_lr_power = poly_lr_power
         self.seed = int(seed)
         for opt in (cs_optimizer, ds_optimizer):
@@ -554,7 +580,7 @@ class DiffCLTrainer(Trainer):
         loss_sup_ds = self._supervised(ds_logits[:nl], y, beta1) if use_ds else zero  # eq. 18 (line 9)
         loss_cps_cs = loss_cps_ds = zero
         if self.use_cps:
-            pseudo_ds = class_argmax(ds_logits[nl:].detach())  # Y~u
+            pseudo_ds = self._ds_pseudo_labels(x[nl:], ds_logits[nl:], gen)  # Y~u
             loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2)  # eq. 7 (line 10)
             loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1)  # eq. 6 (line 11)
         loss_cl = zero
@@ -584,7 +610,27 @@ class DiffCLTrainer(Trainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         values = (loss_sup_cs, loss_sup_ds, loss_cps_cs, loss_cps_ds, loss_cl, ramp, loss_cs, loss_ds, loss)
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in zip(LOSS_KEYS, values)}
+        out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in zip(LOSS_KEYS, values)}
+        if HIDDEN_LABEL in batchdata and self.use_cps:
+            hidden = batchdata[HIDDEN_LABEL].to(device).long()
+            out["pseudo_dice_cs"] = _foreground_dice(pseudo_cs, hidden)
+            out["pseudo_dice_ds"] = _foreground_dice(pseudo_ds, hidden)
+        return out
+
+    def _ds_pseudo_labels(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``Y~u`` (b_u, 1, *S): from this step's DS output, or (``ds_pseudo_steps > 0``) from DDIM sampling.
+
+        The training forward's DS input holds ``Y_t``, the noised CS pseudo-label, so at small ``t`` its prediction
+        mostly returns the CS's own pseudo-label to the CS. Sampling from pure noise (eq. 2-3) gives a DS
+        pseudo-label that depends on the image alone, as at the DS's inference; no gradient.
+        """
+        if self.ds_pseudo_steps == 0:
+            return class_argmax(ds_logits_u.detach())
+        with torch.no_grad(), self._autocast():
+            probs = self.diffusion.ddim_sample(
+                self.ds_network, x_u, self.num_classes, steps=self.ds_pseudo_steps, generator=gen
+            )
+        return class_argmax(probs)
 
     def _supervised(self, logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
         """Supervised loss of one network on the labeled images: eq. 18 / 19 (``"paper"``) or the field's form."""

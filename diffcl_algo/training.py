@@ -301,6 +301,9 @@ def build_trainer(
     residual: bool = True,
     dropout: float = 0.0,
     normalize_intensity: bool = False,
+    monitor_pseudo_labels: bool = False,
+    channels_last: bool = False,
+    ds_pseudo_steps: int = 0,
     sw_batch_size: int = 1,
     spacing: Optional[Sequence[float]] = None,
     progress: bool = True,
@@ -349,6 +352,9 @@ def build_trainer(
         sup_loss: supervised loss form, ``"paper"`` or ``"field"`` (``DiffCLTrainer``'s ``sup_loss``).
         residual, dropout: CS V-Net options (``VNet``).
         normalize_intensity: z-score each image volume in training and validation.
+        monitor_pseudo_labels: log the pseudo-labels' Dice against the unlabeled cases' hidden labels.
+        channels_last: train the CS and DS V-Nets in channels-last (``torch.channels_last_3d``) memory order.
+        ds_pseudo_steps: DS pseudo-labels from this step's output (0) or from k DDIM steps from noise.
         sw_batch_size: sliding-window batch of validation.
         spacing: voxel spacing for reading h5 files and for hd95/asd (None: voxel units).
         progress: show a tqdm progress bar.
@@ -414,6 +420,9 @@ def build_trainer(
         residual=bool(residual),
         dropout=float(dropout),
         normalize_intensity=bool(normalize_intensity),
+        monitor_pseudo_labels=bool(monitor_pseudo_labels),
+        channels_last=bool(channels_last),
+        ds_pseudo_steps=int(ds_pseudo_steps),
         sw_batch_size=sw_batch_size,
         spacing=None if spacing is None else [float(s) for s in spacing],
         progress=bool(progress),

@@ -7,6 +7,7 @@ workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mea
     python experiments/la_cpu.py run reference --num_labeled 8 --seed 0
     python experiments/la_cpu.py run sup --num_labeled 8 --seed 0 --set "sup_loss=field dropout=0.5"
     python experiments/la_cpu.py table --rows "reference sup"
+    python experiments/la_cpu.py cases --rows "reference sup" --num_labeled 8 --seed 0
 
 Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``) and the Table 6 rows
 ``sup``, ``cps``, ``cps_hfm``, ``full`` of the bundle; ``--set`` adds bundle overrides (``id=value`` pairs) and
@@ -131,7 +132,20 @@ def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
     return "\n".join(lines)
 
 
+def cases(rows: str, num_labeled: int = 8, seed: int = 0, weights: str = "last", root: str = "runs/cpu") -> str:
+    """Markdown table of per-case Dice on the report split, one column per named result folder (one seed)."""
+    names = str(rows).split()
+    folder = f"l{num_labeled}_s{seed}"
+    summaries = {n: json.loads((REPO / root / n / folder / "summary.json").read_text()) for n in names}
+    case_names = sorted(next(iter(summaries.values()))[weights]["cases"])
+    lines = ["| case | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for case in case_names:
+        values = " | ".join(f"{summaries[n][weights]['cases'][case]['dice']:.3f}" for n in names)
+        lines.append(f"| {case} | {values} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    fire.Fire({"run": run, "table": table})
+    fire.Fire({"run": run, "table": table, "cases": cases})

@@ -57,6 +57,8 @@ def test_reference_and_bundle_rows_scored_on_the_report_split(la_copy, tmp_path)
     VNet(3, 1, 2, n_filters=8, residual=False).load_state_dict(weights)
     text = la_cpu.table(rows="reference sup", root=str(tmp_path))
     assert "| reference | 4 | last | 1 |" in text and "| sup | 4 | selected | 1 |" in text
+    per_case = la_cpu.cases(rows="reference", num_labeled=4, seed=0, root=str(tmp_path)).splitlines()
+    assert [line.split(" | ")[0][2:] for line in per_case[2:]] == sorted(report)
 
 
 def test_unknown_row_and_bad_override_are_refused(tmp_path):

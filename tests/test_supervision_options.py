@@ -124,3 +124,57 @@ def test_plain_and_residual_stages_load_each_other(residual):
     x = torch.randn(1, 1, 16, 16, 16)
     a.eval(), b.eval()
     assert not np.allclose(a(x).detach().numpy(), b(x).detach().numpy())
+
+
+def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_path):
+    def run(monitor: bool):
+        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(monitor)), use_hfm=False,
+                                monitor_pseudo_labels=monitor, **dict(SMALL_TRAIN, val_interval=0))
+        trainer.run()
+        close_trainer(trainer)
+        return trainer
+
+    watched, plain = run(True), run(False)
+    out = watched.state.output
+    assert 0.0 <= out["pseudo_dice_cs"] <= 1.0 and 0.0 <= out["pseudo_dice_ds"] <= 1.0
+    assert "pseudo_dice_cs" not in plain.state.output
+    for name in ("cs_network", "ds_network"):
+        for a, b in zip(getattr(watched, name).state_dict().values(), getattr(plain, name).state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_channels_last_training_is_the_same_math(data_dir, tmp_path):
+    def run(channels_last: bool):
+        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(channels_last)),
+                                use_hfm=False, channels_last=channels_last, **dict(SMALL_TRAIN, val_interval=0))
+        trainer.run()
+        close_trainer(trainer)
+        return trainer
+
+    last, plain = run(True), run(False)
+    conv = last.cs_network.block_two.conv[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    for key in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds"):
+        assert last.state.output[key] == pytest.approx(plain.state.output[key], rel=1e-3, abs=1e-4)
+
+
+def test_ds_pseudo_labels_sampled_from_noise(data_dir, tmp_path, monkeypatch):
+    from diffcl_algo.diffusion import GaussianDiffusion
+
+    calls = []
+    original = GaussianDiffusion.ddim_sample
+
+    def counting(self, model, x, num_classes, steps=10, eta=0.0, generator=None):
+        calls.append((x.shape[0], steps, torch.is_grad_enabled()))
+        return original(self, model, x, num_classes, steps=steps, eta=eta, generator=generator)
+
+    monkeypatch.setattr(GaussianDiffusion, "ddim_sample", counting)
+    trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), use_hfm=False, ds_pseudo_steps=2,
+                            monitor_pseudo_labels=True, **dict(SMALL_TRAIN, val_interval=0))
+    trainer.run()
+    close_trainer(trainer)
+    assert calls == [(2, 2, False), (2, 2, False)]  # the 2 unlabeled images, every iteration, without gradient
+    assert 0.0 <= trainer.state.output["pseudo_dice_ds"] <= 1.0 and trainer.state.output["loss_cps_cs"] > 0
+    with pytest.raises(ValueError, match="ds_pseudo_steps must be >= 0"):
+        build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), ds_pseudo_steps=-1,
+                      **dict(SMALL_TRAIN, val_interval=0))

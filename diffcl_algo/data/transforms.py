@@ -38,6 +38,9 @@ from monai.utils import ensure_tuple
 from diffcl_algo.data.intensity import ScanNormalized
 from diffcl_algo.data.io import LoadH5d
 
+#: Key under which an unlabeled case keeps its label for pseudo-label monitoring (never trained on).
+HIDDEN_LABEL = "hidden_label"
+
 __all__ = ["RandRotFlipd", "train_transforms", "val_transforms"]
 
 
@@ -77,7 +80,9 @@ def load_transforms(
 ) -> list:
     """Loading (h5 or NIfTI, channel first), a raw scan's normalisation (:class:`ScanNormalized`, ``scan_norm``)
     and, with ``normalize``, a per-volume z-score of ``"image"``."""
-    steps: list = [LoadH5d(keys, spacing=spacing), ScanNormalized("image", scan_norm)]
+    keys = ensure_tuple(keys)
+    datasets = ["label" if k == HIDDEN_LABEL else k for k in keys]  # an unlabeled case's label, for monitoring
+    steps: list = [LoadH5d(keys, datasets=datasets, spacing=spacing), ScanNormalized("image", scan_norm)]
     if normalize:
         steps.append(NormalizeIntensityd("image"))
     return steps
