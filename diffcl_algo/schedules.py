@@ -159,7 +159,7 @@ def resolve_hyperparams(
     if dataset is None:
         base = DEFAULT_HYPERPARAMS
     elif num_labeled is None:
-        raise ValueError(f"dataset={dataset!r} needs num_labeled to pick its Table 2 row.")
+        base = table2_params(dataset, -1)  # raises: a dataset needs num_labeled to pick its row (lists the rows)
     else:
         name, row = nearest_table2_row(dataset, num_labeled)
         base = table2_params(name, row)

@@ -28,8 +28,6 @@ from diffcl_algo.inference import predict_volume
 from diffcl_algo.scans import check_roi, scan_preprocessing
 from diffcl_algo.training import find_bundles
 
-nrrd = pytest.importorskip("nrrd")
-
 SHAPE = (40, 36, 20)
 SPACING = 0.625
 PATCH, STRIDES = [16, 16, 16], [8, 8, 8]
@@ -69,14 +67,19 @@ def scans(tmp_path_factory) -> dict[str, Path]:
     save("oblique", x, _rotation(0.3) @ affine)  # acquired on a rotated grid: same voxels, rotated world position
     coarse = Spacing(pixdim=(1.0, 1.0, 1.25), mode="bilinear")(MetaTensor(torch.as_tensor(x)[None], affine=affine))
     save("spacing", coarse[0].numpy(), coarse.affine.numpy())
-    out["nrrd"] = root / "nrrd.nrrd"  # NRRD's LPS world: x, y axes negated with respect to NIfTI's RAS
-    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
-    nrrd.write(
-        str(out["nrrd"]),
-        x,
-        {"space": "left-posterior-superior", "space directions": lps.T, "space origin": [-10.0, 5.0, 3.0]},
-    )
     return out
+
+
+@pytest.fixture(scope="module")
+def nrrd_scan(scans) -> Path:
+    """The reference scan as NRRD (needs pynrrd, part of the test extra: pip install -e ".[test]")."""
+    nrrd = pytest.importorskip("nrrd")
+    reference = nib.load(scans["reference"])
+    path = scans["reference"].parent / "nrrd.nrrd"  # NRRD's LPS world: x, y axes negated with respect to RAS
+    lps = np.diag([-1.0, -1.0, 1.0]) @ reference.affine[:3, :3]
+    header = {"space": "left-posterior-superior", "space directions": lps.T, "space origin": [-10.0, 5.0, 3.0]}
+    nrrd.write(str(path), np.asarray(reference.dataobj), header)
+    return path
 
 
 def _la_preprocessing(**overrides) -> object:
@@ -88,12 +91,12 @@ def _la_preprocessing(**overrides) -> object:
     return parser.get_parsed_content("preprocessing")
 
 
-def test_copies_reach_the_network_as_the_same_input(scans):
+def test_copies_reach_the_network_as_the_same_input(scans, nrrd_scan):
     pre = _la_preprocessing()
     reference = pre({"image": str(scans["reference"])})["image"]
     assert tuple(reference.shape) == (1, *SHAPE)
     for name, atol in (("raw", 0.01), ("flipped", 1e-5), ("oblique", 1e-5), ("nrrd", 1e-5)):
-        image = pre({"image": str(scans[name])})["image"]
+        image = pre({"image": str(nrrd_scan if name == "nrrd" else scans[name])})["image"]
         assert tuple(image.shape) == (1, *SHAPE), name
         assert torch.allclose(image.as_tensor(), reference.as_tensor(), atol=atol), name
     resampled = pre({"image": str(scans["spacing"])})["image"]  # 1.0 x 1.0 x 1.25 mm back to 0.625 mm
@@ -167,12 +170,12 @@ def test_inferring_writes_masks_on_each_inputs_grid(scans, tmp_path):
     np.testing.assert_array_equal(flipped[::-1], reference)
 
 
-def test_nrrd_input_and_predict_volume_on_a_file(scans, tmp_path):
+def test_nrrd_input_and_predict_volume_on_a_file(scans, nrrd_scan, tmp_path):
     ckpt = _threshold_net(tmp_path)
     run_bundle_workflow(
         "la",
         "inference",
-        images=str(scans["nrrd"]),
+        images=str(nrrd_scan),
         ckpt_path=str(ckpt),
         output_dir=str(tmp_path / "out"),
         network_def=NET,
