@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import fire
 import numpy as np
@@ -56,11 +57,17 @@ def _parse_set(pairs: str) -> dict[str, str]:
     return out
 
 
-def _bundle(workflow: str, configs: list[str], overrides: dict[str, str], log: Path) -> None:
+def bundle_command(workflow: str, configs: list[str], overrides: dict[str, Any]) -> list[str]:
+    """``python -m monai.bundle run <workflow> --config_file <configs> --<id> <value> ...`` (run from ``REPO``)."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", str(configs)]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def _bundle(workflow: str, configs: list[str], overrides: dict[str, str], log: Path) -> None:
     with open(log, "w") as f:
+        cmd = bundle_command(workflow, configs, overrides)
         done = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"{workflow} failed (exit {done.returncode}); see {log}")
@@ -125,9 +132,9 @@ def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
                 values = [s[kind]["mean"][metric] for s in group if kind in s]
                 if not values:
                     continue
-                std = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+                spread = f"± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "(one seed)"
                 per_seed = ", ".join(f"s{s['seed']} {s[kind]['mean'][metric]:.3f}" for s in group if kind in s)
-                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {np.mean(values):.3f} ± {std:.3f} "
+                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {np.mean(values):.3f} {spread} "
                              f"| {per_seed} |")
     return "\n".join(lines)
 
