@@ -51,16 +51,16 @@ def _case(item: Mapping[str, Any]) -> str:
 
 
 class _Bar:
-    """A tqdm bar opened by a subclass, closed when its engine completes or fails."""
+    """A tqdm bar opened by a subclass and closed when its engine completes. No ``EXCEPTION_RAISED`` handler: ignite
+    stops re-raising an engine's exceptions once one is registered."""
 
     bar: tqdm | None = None
 
     def attach_bar(self, engine: Engine, opened: Any, updated: Any, closed: Any) -> None:
-        """Open the bar on ``opened``, call ``self.update`` on ``updated``, close it on ``closed`` or a failure."""
+        """Open the bar on ``opened``, call ``self.update`` on ``updated``, close it on ``closed``."""
         engine.add_event_handler(opened, self.open)
         engine.add_event_handler(updated, self.update)
         engine.add_event_handler(closed, self.close)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self.close)
 
     def close(self, engine: Engine, *_: Any) -> None:
         if self.bar is not None:

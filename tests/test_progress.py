@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
@@ -76,3 +77,16 @@ def test_validation_log_names_iteration_and_epoch(caplog):
         "best val_mean_dice 0.8123 at iteration 256"
     )
     assert second.endswith("(epoch 9.00): val_mean_dice: 0.7000; best val_mean_dice 0.8123 at iteration 256")
+
+
+def test_handlers_let_engine_errors_through():
+    """ignite swallows an engine's exception once an EXCEPTION_RAISED handler exists: the bars register none."""
+
+    def fail(engine: Engine, batch: int) -> None:
+        raise RuntimeError("injected")
+
+    for handler in (CaseProgress("validation", progress=True), IterationProgressBar(4)):
+        engine = Engine(fail)
+        handler.attach(engine)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.run(range(2))
