@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from diffcl_algo.inference import predict_volume
 from diffcl_algo.networks import VNet
 
-LA_ROOT = Path("/work/shared/data/LA")
+LA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"  # ../shared beside the repository
 DICE_MIN = 0.999
 
 

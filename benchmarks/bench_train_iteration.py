@@ -21,8 +21,7 @@ import time
 import torch
 
 from diffcl_algo.engine import DiffCLTrainer
-from diffcl_algo.memory_bank import ClassMemoryBank
-from diffcl_algo.training import build_networks
+from diffcl_algo.training import load_bundle
 
 MODES = {  # the four rows of Table 6, so the overhead splits into its parts
     "supervised-only": dict(use_cps=False, use_hfm=False, use_cl=False),
@@ -33,27 +32,27 @@ MODES = {  # the four rows of Table 6, so the overhead splits into its parts
 
 
 def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> DiffCLTrainer:
+    """The networks, optimizers and weights of the LA 8/72 training graph (no data), in a trainer of one batch."""
     torch.manual_seed(0)
-    nets = build_networks(num_classes=2, n_filters=args.n_filters, use_hfm=mode["use_hfm"])
-    memory_format = torch.channels_last_3d if args.channels_last else torch.preserve_format
-    nets = {k: v.to(device, memory_format=memory_format) for k, v in nets.items()}
-    cs_params = list(nets["cs_network"].parameters()) + list(nets["cs_head"].parameters())
-    ds_params = list(nets["ds_network"].parameters()) + list(nets["ds_head"].parameters())
+    graph = load_bundle("la", n_filters=args.n_filters, device=str(device), channels_last=args.channels_last, **mode)
+    net = graph.get_parsed_content
     return DiffCLTrainer(
         device=device,
         max_iterations=1000,
         train_data_loader=[None],
         epoch_length=36,
-        memory_bank=ClassMemoryBank(2, 64).to(device),
-        dataset="LA",
-        num_labeled=8,
+        cs_network=net("network"),
+        ds_network=net("nets#ds_network"),
+        cs_head=net("nets#cs_head"),
+        ds_head=net("nets#ds_head"),
+        memory_bank=net("nets#memory_bank"),
+        hyperparams=net("common#hp"),
         use_cps=mode["use_cps"],
         use_cl=mode["use_cl"],
-        cs_optimizer=torch.optim.SGD(cs_params, lr=0.01, momentum=0.9, weight_decay=3e-5),
-        ds_optimizer=torch.optim.SGD(ds_params, lr=0.01, momentum=0.9, weight_decay=3e-5),
+        cs_optimizer=net("nets#cs_optimizer"),
+        ds_optimizer=net("nets#ds_optimizer"),
         amp=amp != "none",
         amp_dtype="bfloat16" if amp == "none" else amp,
-        **nets,
     )
 
 

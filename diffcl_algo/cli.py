@@ -32,6 +32,7 @@ COMMANDS = {
     "prepare": ("diffcl_algo.data.prepare:prepare", "check (la) or convert (brats, pancreas) a dataset"),
     "report": ("diffcl_algo.report:report", "metric tables, learning curves and overlays of runs"),
     "package": ("diffcl_algo.package:package", "write a self-contained model-zoo zip of a bundle and weights"),
+    "bundles": ("diffcl_algo.bundles:write_bundles", "write (or --check) the bundles' configs from the graph"),
 }
 
 #: Exceptions reported as one line: our own ``DataError`` is a ``ValueError``; missing files are ``OSError``.

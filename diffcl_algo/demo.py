@@ -6,92 +6,40 @@
 1. writes a small deterministic synthetic dataset in the LA layout (:func:`diffcl_algo.data.make_synthetic_dataset`:
    ``train.list`` = labeled + unlabeled + 2 validation cases, ``test.list`` = held-out test cases);
 2. trains Diff-CL (CPS + HF-Mamba + contrastive label propagation) and the supervised-only baseline
-   (``use_cps``/``use_hfm``/``use_cl`` false, paper Table 6 row 1) with ``bundles/la/configs/train.yaml`` through
-   ``monai.bundle.ConfigWorkflow`` - the same configs and code path as
-   ``python -m monai.bundle run training --config_file bundles/la/configs/train.yaml`` - with small-scale overrides
-   (volume, patch, width, iterations); validation on the last 2 training-list cases selects ``model.pt``;
-3. evaluates both with ``bundles/la/configs/evaluate.yaml`` on ``test.list`` (predictions, ``metrics.csv``,
+   (``use_cps``/``use_hfm``/``use_cl`` false, paper Table 6 row 1) with the LA bundle's training workflow
+   (:func:`diffcl_algo.training.run_workflow`: ``monai.bundle.ConfigWorkflow`` on the graph that
+   ``bundles/la/configs/train.yaml`` is written from, the code path of ``python -m monai.bundle run training``)
+   with small-scale overrides (volume, patch, width, iterations); validation on the last 2 training-list cases
+   selects ``model.pt``;
+3. evaluates both with the LA bundle's evaluation workflow on ``test.list`` (predictions, ``metrics.csv``,
    ``metrics_summary.json``);
 4. writes a report with :func:`diffcl_algo.report.report`: metrics table of both models, learning curves, best /
    worst case overlays (PNG), plus ``demo_summary.json``.
 
 Layout of ``output_dir``: ``data/`` (synthetic dataset), ``diffcl/`` and ``supervised/`` (training outputs:
 ``model.pt``, ``train_state.pt``, ``train.log``, TensorBoard events; ``eval/`` inside each), ``report/``.
-
-The bundles' MONAI macros are resolved relative to the current directory, so the workflows run with the repository
-root as working directory (restored afterwards); the demo therefore works from any directory as long as the
-``bundles/`` folder of the repository is next to the installed package (editable / source install), or is given as
-``bundles_dir``.
+The graph ships in the package, so the demo runs from any directory and needs no repository checkout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-from monai.bundle import ConfigWorkflow
 
 from diffcl_algo.data import make_synthetic_dataset
 from diffcl_algo.data.writers import write_text
 from diffcl_algo.report import report
-from diffcl_algo.training import find_bundles
+from diffcl_algo.training import run_workflow
 
-__all__ = ["MODELS", "demo", "demo_table", "run_bundle_workflow"]
+__all__ = ["MODELS", "demo", "demo_table"]
 
 #: Demo models: display name -> (output folder, ablation switches use_cps / use_hfm / use_cl).
 MODELS = {"Diff-CL": ("diffcl", True), "Supervised only": ("supervised", False)}
-
-_RUN_IDS = {"train": "training", "evaluate": "evaluating", "inference": "inferring"}
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def run_bundle_workflow(
-    bundle: str, workflow: str, bundles_dir: Optional[os.PathLike] = None, **overrides: Any
-) -> ConfigWorkflow:
-    """Run one bundle workflow like ``python -m monai.bundle run <run_id> --config_file ... --<id> <value>``.
-
-    The working directory is the repository root while the workflow runs (the bundles' macros name
-    ``bundles/base/configs/...``), so every path in ``overrides`` should be absolute.
-
-    Args:
-        bundle: ``"la"``, ``"brats"`` or ``"pancreas"``.
-        workflow: ``"train"``, ``"evaluate"`` or ``"inference"``.
-        bundles_dir: see :func:`diffcl_algo.training.find_bundles`.
-        overrides: config ids and values (nested ids as ``"a#b"`` keys of a ``**dict``).
-
-    Returns:
-        The finished workflow (``workflow.parser.get_parsed_content(id)`` reads its objects).
-    """
-    bundles = find_bundles(bundles_dir)
-    configs = bundles / bundle / "configs"
-    with _working_directory(bundles.parent):
-        wf = ConfigWorkflow(
-            config_file=str(configs / f"{workflow}.yaml"),
-            meta_file=str(configs / "metadata.json"),
-            logging_file=str(configs / "logging.conf"),
-            workflow_type="train" if workflow == "train" else "infer",
-            run_id=_RUN_IDS[workflow],
-            **overrides,
-        )
-        wf.initialize()
-        wf.run()
-        wf.finalize()
-    return wf
 
 
 def demo(
@@ -106,7 +54,6 @@ def demo(
     patch_size: Sequence[int] = (32, 32, 32),
     n_filters: int = 8,
     device: str = "cpu",
-    bundles_dir: Optional[str] = None,
     num_threads: Optional[int] = 1,
 ) -> dict[str, Any]:
     """Train and evaluate Diff-CL and the supervised-only baseline on synthetic data, then write a report.
@@ -121,7 +68,6 @@ def demo(
         patch_size: training patch and sliding window (divisible by 16).
         n_filters: V-Net width (paper 16).
         device: ``"cpu"`` or ``"cuda"``.
-        bundles_dir: the repository's ``bundles/`` folder (default: found next to the package).
         num_threads: torch intra-op CPU threads during the demo (restored afterwards; None: unchanged). 1 by
             default: networks this small gain little from more threads, and when other processes share the cores,
             multi-threaded runs slow down by an order of magnitude (measured: 1.8 s -> 35 s per epoch).
@@ -135,7 +81,7 @@ def demo(
         torch.set_num_threads(int(num_threads))
     try:
         return _demo(output_dir, seed, iterations, quick, num_labeled, num_unlabeled, num_test, shape, patch_size,
-                     n_filters, device, bundles_dir)  # fmt: skip
+                     n_filters, device)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -152,12 +98,10 @@ def _demo(
     patch_size: Sequence[int],
     n_filters: int,
     device: str,
-    bundles_dir: Optional[str],
 ) -> dict[str, Any]:
     start = time.time()
     if quick:
         iterations, shape, patch_size, n_filters = 10, (32, 32, 16), (32, 32, 16), 4
-    bundles = find_bundles(bundles_dir)
     out = Path(output_dir).resolve()
     for folder in [f for f, _ in MODELS.values()] + ["report"]:  # a previous demo's runs (its event files)
         shutil.rmtree(out / folder, ignore_errors=True)
@@ -200,10 +144,10 @@ def _demo(
         run_dir = out / folder
         switches = {"use_cps": full, "use_hfm": full, "use_cl": full}
         t0 = time.time()
-        run_bundle_workflow("la", "train", bundles, output_dir=str(run_dir), **{**train, **switches})
+        run_workflow("la", "train", output_dir=str(run_dir), **{**train, **switches})
         t1 = time.time()
-        run_bundle_workflow(
-            "la", "evaluate", bundles, output_dir=str(run_dir / "eval"), ckpt_path=str(run_dir / "model.pt"),
+        run_workflow(
+            "la", "evaluate", output_dir=str(run_dir / "eval"), ckpt_path=str(run_dir / "model.pt"),
             eval_list="test.list", **{**common, "use_hfm": full},
         )
         summary = json.loads((run_dir / "eval" / "metrics_summary.json").read_text())

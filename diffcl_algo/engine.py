@@ -1,62 +1,41 @@
-"""Diff-CL training engine (Algorithm 1) and its deterministic, exactly resumable data flow.
+"""Diff-CL training engine: ``DiffCLTrainer``, Algorithm 1 of the paper as a ``monai.engines.Trainer``.
 
-* ``DiffCLTrainer``: a ``monai.engines.Trainer`` whose iteration is Algorithm 1 (eq. 5-9, 11-22); it fires the
-  standard ignite / MONAI events, so stock MONAI handlers (StatsHandler, TensorBoardStatsHandler,
-  ValidationHandler, LrScheduleHandler, CheckpointSaver) attach to it.
-* ``GuardedValidationHandler``: MONAI's ``ValidationHandler`` plus a policy for a validation round that raises
-  (``val_error="raise"`` stops training with an error naming the case, ``"continue"`` logs it and skips the round).
-* ``IterationBatchDataset`` + ``IterationSampler``: item ``i`` of the dataset is the *whole* (per-rank) batch of
-  global iteration ``i``; the sampler yields ``range(start_iteration, max_iterations)``. Case indices come from
-  per-pass permutations seeded by ``(seed, stream, pass)`` and each sample's augmentation is re-seeded from
-  ``(seed, iteration, slot)``, so any batch is a pure function of ``(seed, iteration)``.
-
-Every other random choice of an iteration (timesteps, noise, memory-bank sampling, unlabeled-feature sampling,
-dropout) is drawn from generators seeded by ``(seed, iteration, rank)``. Resuming therefore needs only the
-iteration counter plus the model / optimizer / memory-bank state (``train_state()`` / ``load_train_state()``).
+Its iteration (eq. 5-9, 11-22) fires the standard ignite / MONAI events, so stock MONAI handlers (StatsHandler,
+TensorBoardStatsHandler, ValidationHandler, LrScheduleHandler, CheckpointSaver) attach to it. It reads the batches of
+``diffcl_algo.data.iteration`` (one item per iteration, a pure function of ``(seed, iteration)``), and every other
+random choice of an iteration (timesteps, noise, memory-bank sampling, unlabeled-feature sampling, dropout) is drawn
+from generators seeded by ``(seed, iteration, rank)``. Resuming therefore needs only the iteration counter plus the
+model / optimizer / memory-bank state (``train_state()`` / ``load_train_state()``).
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import os
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine
-from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import ValidationHandler
-from monai.transforms import Randomizable
-from monai.utils import ImageMetaKey, ensure_tuple
+from monai.handlers import TensorBoardStatsHandler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffcl_algo.checkpoint import unwrap
+from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, unwrap
+from diffcl_algo.checkpoint import resume as resume_training
+from diffcl_algo.data.iteration import _GENERATOR, _GLOBAL_RNG, IterationSampler, derive_seed
+from diffcl_algo.data.iteration import rank_world as _rank_world
 from diffcl_algo.data.transforms import HIDDEN_LABEL
 from diffcl_algo.diffusion import GaussianDiffusion
+from diffcl_algo.handlers import attach_file_logger, detach_file_logger
 from diffcl_algo.losses import ContrastiveLabelPropagationLoss, DiceCELoss
 from diffcl_algo.memory_bank import ClassMemoryBank, all_gather_variable
-from diffcl_algo.schedules import continuous_epoch, gaussian_ramp, poly_lr, resolve_hyperparams
+from diffcl_algo.progress import IterationProgressBar, ValidationLog
+from diffcl_algo.schedules import DEFAULT_HYPERPARAMS, DiffCLHyperParams, continuous_epoch, gaussian_ramp, poly_lr
 
-__all__ = [
-    "LOSS_KEYS",
-    "SUP_LOSS_FORMS",
-    "class_argmax",
-    "derive_seed",
-    "IterationBatchDataset",
-    "IterationSampler",
-    "make_iteration_loader",
-    "DiffCLTrainer",
-    "GuardedValidationHandler",
-    "VAL_ERROR_MODES",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["LOSS_KEYS", "SUP_LOSS_FORMS", "class_argmax", "DiffCLTrainer"]
 
 #: Keys of the engine output (``engine.state.output``), each a Python float.
 LOSS_KEYS = (
@@ -73,15 +52,6 @@ LOSS_KEYS = (
 
 #: ``DiffCLTrainer(sup_loss=...)`` choices: the paper's ``D + beta E`` or the field's ``0.5 (E + D_fg)``.
 SUP_LOSS_FORMS = ("paper", "field")
-
-# stream ids of derive_seed, so different uses of the same (seed, iteration) never share a random state
-_LABELED_STREAM, _UNLABELED_STREAM, _AUGMENT, _GLOBAL_RNG, _GENERATOR = range(5)
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def class_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -106,169 +76,11 @@ def class_argmax(logits: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def derive_seed(*keys: int) -> int:
-    """A 32-bit seed that is a pure function of non-negative integer ``keys`` (``numpy.random.SeedSequence``)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint32)[0])
-
-
-class IterationBatchDataset(Dataset):
-    """Item ``i`` = this rank's batch of global iteration ``i`` (labeled + unlabeled), deterministic in ``seed``.
-
-    Case order: the labeled (unlabeled) cases form an endless stream, the concatenation of per-pass random
-    permutations, pass ``k`` permuted by ``derive_seed(seed, stream, k)``. Global iteration ``i`` consumes stream
-    positions ``[i * b * W, (i + 1) * b * W)`` (``b`` = per-rank batch size, ``W`` = world size) and rank ``r``
-    takes the slice ``[r * b, (r + 1) * b)`` of them. Every pass visits every case once; batches are always full.
-
-    Augmentation: before transforming sample ``slot`` (global position in the iteration's batch) the
-    transform's random state is reset with ``set_random_state(derive_seed(seed, 2, i, slot))`` (MONAI
-    ``Randomizable``; ``Compose`` propagates it), so a sample's augmentation does not depend on the worker,
-    on the order of ``__getitem__`` calls, or on previous iterations.
-
-    Args:
-        labeled: datalist of labeled cases (``{"image": ..., "label": ...}``).
-        unlabeled: datalist of unlabeled cases (``{"image": ...}``).
-        labeled_transform: transform of a labeled item -> ``{"image": (C, *patch), "label": (1, *patch)}``.
-        unlabeled_transform: transform of an unlabeled item -> ``{"image": (C, *patch)}``; default
-            ``labeled_transform``.
-        labeled_batch_size: labeled cases per iteration per rank (paper: 2).
-        unlabeled_batch_size: unlabeled cases per iteration per rank (paper: 2).
-        seed: base seed.
-        max_iterations: ``len()`` of the dataset (the sampler decides what is read).
-        rank, world_size: data-parallel position; default from ``torch.distributed`` (0 / 1 when not initialised).
-
-    Returns (item):
-        ``{"image": (b_l + b_u, C, *patch) float, "label": (b_l, 1, *patch) float, "iteration": i}``, labeled
-        images first; plus ``"hidden_label"`` (b_u, 1, *patch) when the unlabeled transform yields that key for
-        every unlabeled sample (pseudo-label monitoring only; training never reads it).
-    """
-
-    def __init__(
-        self,
-        labeled: Sequence[Mapping[str, Any]],
-        unlabeled: Sequence[Mapping[str, Any]],
-        labeled_transform: Callable[[dict], Any],
-        unlabeled_transform: Optional[Callable[[dict], Any]] = None,
-        labeled_batch_size: int = 2,
-        unlabeled_batch_size: int = 2,
-        seed: int = 0,
-        max_iterations: int = 1,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-    ) -> None:
-        if not labeled or not unlabeled:
-            raise ValueError(f"Need labeled and unlabeled cases, got {len(labeled)} and {len(unlabeled)}.")
-        for name, size in (("labeled_batch_size", labeled_batch_size), ("unlabeled_batch_size", unlabeled_batch_size)):
-            if int(size) < 1:
-                raise ValueError(f"{name} must be >= 1, got {size}.")
-        self.labeled = list(labeled)
-        self.unlabeled = list(unlabeled)
-        self.labeled_transform = labeled_transform
-        self.unlabeled_transform = unlabeled_transform if unlabeled_transform is not None else labeled_transform
-        self.labeled_batch_size = int(labeled_batch_size)
-        self.unlabeled_batch_size = int(unlabeled_batch_size)
-        self.seed = int(seed)
-        self.max_iterations = int(max_iterations)
-        default_rank, default_world = _rank_world()
-        self.rank = default_rank if rank is None else int(rank)
-        self.world_size = default_world if world_size is None else int(world_size)
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.max_iterations
-
-    def _stream(self, stream: int, num_cases: int, batch: int, iteration: int) -> list[int]:
-        start = (iteration * self.world_size + self.rank) * batch
-        out = []
-        for pos in range(start, start + batch):
-            key = (stream, pos // num_cases)
-            if key not in self._perms:
-                if len(self._perms) > 64:
-                    self._perms.clear()
-                self._perms[key] = np.random.default_rng(derive_seed(self.seed, stream, key[1])).permutation(num_cases)
-            out.append(int(self._perms[key][pos % num_cases]))
-        return out
-
-    def case_indices(self, iteration: int) -> tuple[list[int], list[int]]:
-        """``(labeled, unlabeled)`` case indices of this rank's batch at global ``iteration``."""
-        lab = self._stream(_LABELED_STREAM, len(self.labeled), self.labeled_batch_size, iteration)
-        unl = self._stream(_UNLABELED_STREAM, len(self.unlabeled), self.unlabeled_batch_size, iteration)
-        return lab, unl
-
-    def _apply(self, transform: Callable[[dict], Any], item: Mapping[str, Any], iteration: int, slot: int) -> dict:
-        if isinstance(transform, Randomizable):
-            transform.set_random_state(seed=derive_seed(self.seed, _AUGMENT, iteration, slot))
-        out = transform(dict(item))
-        if isinstance(out, (list, tuple)):  # transforms producing several samples: keep the first
-            out = out[0]
-        return out
-
-    def __getitem__(self, iteration: int) -> dict[str, Any]:
-        iteration = int(iteration)
-        lab, unl = self.case_indices(iteration)
-        bl, bu = self.labeled_batch_size, self.unlabeled_batch_size
-        images, labels = [], []
-        for k, j in enumerate(lab):
-            out = self._apply(self.labeled_transform, self.labeled[j], iteration, self.rank * bl + k)
-            images.append(_plain(out["image"]))
-            labels.append(_plain(out["label"]))
-        offset = bl * self.world_size
-        hidden = []
-        for k, j in enumerate(unl):
-            out = self._apply(self.unlabeled_transform, self.unlabeled[j], iteration, offset + self.rank * bu + k)
-            images.append(_plain(out["image"]))
-            if HIDDEN_LABEL in out:
-                hidden.append(_plain(out[HIDDEN_LABEL]))
-        batch = {"image": torch.stack(images).float(), "label": torch.stack(labels).float(), "iteration": iteration}
-        if hidden and len(hidden) == len(unl):
-            batch[HIDDEN_LABEL] = torch.stack(hidden).float()
-        return batch
-
-
-def _plain(x: Any) -> torch.Tensor:
-    x = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
-    return x
-
-
 def _foreground_dice(prediction: torch.Tensor, label: torch.Tensor) -> float:
     """Dice of the foreground (class > 0) of two (B, 1, *S) class maps over the whole batch (1.0 when both empty)."""
     p, y = prediction > 0, label > 0
     total = int(p.sum() + y.sum())
     return 1.0 if total == 0 else 2.0 * int((p & y).sum()) / total
-
-
-class IterationSampler(Sampler[int]):
-    """Yields global iteration numbers ``start .. stop - 1``; ``DiffCLTrainer.run`` sets ``start`` on resume."""
-
-    def __init__(self, start: int = 0, stop: int = 1) -> None:
-        self.start = int(start)
-        self.stop = int(stop)
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return max(self.stop - self.start, 0)
-
-
-def make_iteration_loader(
-    dataset: IterationBatchDataset, num_workers: int = 0, pin_memory: bool = False, start_iteration: int = 0
-) -> DataLoader:
-    """``DataLoader(dataset, sampler=IterationSampler(start, dataset.max_iterations), batch_size=None)``.
-
-    Args:
-        dataset: the per-iteration batch dataset.
-        num_workers: loader processes (each item is a whole batch, so workers prepare whole iterations).
-        pin_memory: pin batches (CUDA).
-        start_iteration: first iteration (``DiffCLTrainer.run`` moves it to the resumed iteration anyway).
-    """
-    return DataLoader(
-        dataset,
-        sampler=IterationSampler(start_iteration, dataset.max_iterations),
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
 
 
 class DiffCLTrainer(Trainer):
@@ -324,8 +136,8 @@ class DiffCLTrainer(Trainer):
         cs_head, ds_head: projection heads (required with ``use_cl``).
         memory_bank: ``ClassMemoryBank`` (required with ``use_cl``).
         diffusion: ``GaussianDiffusion``; default ``GaussianDiffusion(1000, "cosine")``.
-        dataset, num_labeled: Table 2 row of the weights (None: ``schedules.DEFAULT_HYPERPARAMS``).
-        mu1, mu2, beta1_c, beta2_c, lambda1, lambda2, eta: overrides of the Table 2 values.
+        hyperparams: the loss weights, resolved once (``schedules.resolve_hyperparams``: the Table 2 row of
+            ``dataset_name`` / ``num_labeled`` with any overrides); default ``schedules.DEFAULT_HYPERPARAMS``.
         t_max, ramp_peak: Gaussian ramp ``lambda(t) = ramp_peak * exp(-5 (1 - t / t_max)^2)``.
         unsup_ramp: also warm up the unsupervised terms: ``mu1`` and ``mu2`` (eq. 16-17) are multiplied by
             ``lambda(t) / ramp_peak`` (from ``exp(-5)`` to 1), the usual consistency ramp-up of the field (UA-MT,
@@ -347,7 +159,17 @@ class DiffCLTrainer(Trainer):
         seed: base seed of every random choice.
         amp: mixed precision on CUDA (``torch.autocast``); ignored with a warning on CPU.
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (the latter with a ``GradScaler``).
-        handlers: ignite handlers to attach.
+        handlers: ignite handlers to attach (before the savers, so a ``ValidationHandler`` among them runs first).
+        evaluator: the validation evaluator (run by a ``ValidationHandler`` in ``handlers``); its rounds are
+            logged by ``progress.ValidationLog`` and in TensorBoard at the trainer's iteration, and pick ``model.pt``.
+        model_saver: ``checkpoint.ModelSaver`` (best ``model.pt`` per ``evaluator``'s key metric, or the last
+            weights without one).
+        train_state_saver: ``checkpoint.TrainStateSaver`` (``train_state.pt``).
+        summary_writer: TensorBoard writer of the learning rates and validation metrics (None: none, e.g. on ranks
+            other than 0); closed by :meth:`close`.
+        output_dir: run folder; ``train.log`` is written there on rank 0 (None: no log file).
+        progress: tqdm progress bar over ``max_iterations`` with the loss terms (rank 0).
+        resume: a ``train_state.pt`` to continue from (``checkpoint.resume``), None for a fresh start.
         non_blocking: non-blocking host-to-device copies.
         max_epochs: optional, for MONAI bundle property checks (``train#trainer#max_epochs``); must equal
             ``ceil(max_iterations / epoch_length)``, the value always used (training length is ``max_iterations``).
@@ -368,15 +190,7 @@ class DiffCLTrainer(Trainer):
         ds_head: Optional[nn.Module] = None,
         memory_bank: Optional[ClassMemoryBank] = None,
         diffusion: Optional[GaussianDiffusion] = None,
-        dataset: Optional[str] = None,
-        num_labeled: Optional[int] = None,
-        mu1: Optional[float] = None,
-        mu2: Optional[float] = None,
-        beta1_c: Optional[float] = None,
-        beta2_c: Optional[float] = None,
-        lambda1: Optional[float] = None,
-        lambda2: Optional[float] = None,
-        eta: Optional[float] = None,
+        hyperparams: Optional[DiffCLHyperParams] = None,
         t_max: float = 300.0,
         ramp_peak: float = 2.0,
         unsup_ramp: bool = False,
@@ -399,6 +213,13 @@ class DiffCLTrainer(Trainer):
         handlers: Optional[Sequence] = None,
         non_blocking: bool = False,
         max_epochs: Optional[int] = None,
+        evaluator: Optional[Engine] = None,
+        model_saver: Optional[ModelSaver] = None,
+        train_state_saver: Optional[TrainStateSaver] = None,
+        summary_writer: Optional[Any] = None,
+        output_dir: Optional[Union[str, os.PathLike]] = None,
+        progress: bool = False,
+        resume: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         for name, value in (("max_iterations", max_iterations), ("epoch_length", epoch_length)):
             if int(value) < 1:
@@ -431,8 +252,7 @@ class DiffCLTrainer(Trainer):
         self.memory_bank = memory_bank if use_cl else None
         self.diffusion = diffusion if diffusion is not None else GaussianDiffusion()
         self.num_classes = int(num_classes)
-        overrides = dict(mu1=mu1, mu2=mu2, beta1_c=beta1_c, beta2_c=beta2_c, lambda1=lambda1, lambda2=lambda2, eta=eta)
-        self.hparams = resolve_hyperparams(dataset, num_labeled, **overrides)
+        self.hparams = hyperparams if hyperparams is not None else DEFAULT_HYPERPARAMS
         self.t_max = float(t_max)
         self.ramp_peak = float(ramp_peak)
         self.unsup_ramp = bool(unsup_ramp)
@@ -467,6 +287,43 @@ class DiffCLTrainer(Trainer):
         )
         if handlers is not None:
             self._register_handlers(handlers)
+        self.evaluator = evaluator
+        self.model_saver = model_saver
+        self.train_state_saver = train_state_saver
+        self.summary_writer = summary_writer
+        self.output_dir = None if output_dir is None else str(output_dir)
+        self._attach_outputs(progress)
+        if resume is not None:
+            resume_training(self, resume, model_saver)
+
+    def _attach_outputs(self, progress: bool) -> None:
+        """Savers, validation and learning-rate logging, ``train.log`` and the progress bar, in this order."""
+        if self.model_saver is not None:
+            self.model_saver.attach(self, self.evaluator)
+        if self.train_state_saver is not None:
+            self.train_state_saver.attach(self)
+        main = _rank_world()[0] == 0
+        writer = self.summary_writer
+        at_iteration = lambda _: self.state.iteration  # noqa: E731
+        quiet = dict(output_transform=lambda _: None, iteration_log=False, global_epoch_transform=at_iteration)
+        if self.evaluator is not None and main:
+            ValidationLog(self).attach(self.evaluator)
+            if writer is not None:
+                TensorBoardStatsHandler(writer, **quiet).attach(self.evaluator)
+        if writer is not None:
+            lrs = lambda _: self.learning_rates()  # noqa: E731
+            TensorBoardStatsHandler(writer, output_transform=lrs, epoch_log=False).attach(self)
+        if self.output_dir is not None and main:
+            attach_file_logger(self.output_dir)
+        if progress and main:
+            IterationProgressBar(self.max_iterations, LOSS_KEYS).attach(self)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer and detach ``train.log`` (the bundles' ``finalize``)."""
+        if self.summary_writer is not None:
+            self.summary_writer.close()
+        if self.output_dir is not None:
+            detach_file_logger(self.output_dir)
 
     # ------------------------------------------------------------------ running / resuming
     def run(self) -> None:  # type: ignore[override]
@@ -686,101 +543,3 @@ class DiffCLTrainer(Trainer):
         with self._autocast():
             out = head(picked.T.reshape((1, features.shape[1], -1) + (1,) * (features.ndim - 3)))
         return out.float().reshape(out.shape[1], -1).T
-
-
-#: ``GuardedValidationHandler(val_error=...)`` choices.
-VAL_ERROR_MODES = ("raise", "continue")
-
-
-def _failing_cases(evaluator: Engine) -> list[str]:
-    """Names of the case(s) an evaluator was processing when it raised.
-
-    From the batch when it was loaded (``"case"`` key, else the image file); when loading itself failed, the
-    dataset entries of the batch being read (sequential loader: ``state.iteration`` batches were read before).
-    """
-    batch = evaluator.state.batch
-    items = batch if isinstance(batch, (list, tuple)) else [batch]  # decollated after ITERATION_COMPLETED
-    names = []
-    for item in items if batch is not None else ():
-        if isinstance(item, Mapping) and "case" in item:
-            names += [str(c) for c in ensure_tuple(item["case"])]
-        elif isinstance(item, Mapping) and isinstance(item.get("image"), MetaTensor):
-            names += [str(f) for f in ensure_tuple(item["image"].meta.get(ImageMetaKey.FILENAME_OR_OBJ, ()))]
-    if names:
-        return names
-    loader = getattr(evaluator, "data_loader", None)
-    data = getattr(getattr(loader, "dataset", None), "data", None)
-    if batch is None and isinstance(data, Sequence):
-        size = getattr(loader, "batch_size", None) or 1
-        start = int(evaluator.state.iteration) * size
-        entries = data[start : start + size]
-        return [str(e.get("case", e.get("image"))) if isinstance(e, Mapping) else str(e) for e in entries]
-    return []
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: message`` of an exception and of its causes (MONAI wraps reader errors in "applying transform")."""
-    parts, seen = [], set()
-    while error is not None and id(error) not in seen and len(parts) < 4:
-        seen.add(id(error))
-        parts.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__ or error.__context__
-    return " <- caused by ".join(parts)
-
-
-class GuardedValidationHandler(ValidationHandler):
-    """MONAI ``ValidationHandler`` with a policy for a validation round that raises.
-
-    A long run can meet a validation failure that the up-front data check could not see (a file corrupted or
-    removed after training started, a transform or an evaluator handler raising). The failure is logged on
-    ``diffcl_algo.engine`` (so in ``train.log``) with the training iteration, the case(s) being validated and the
-    error, then, per ``val_error``:
-
-    * ``"raise"``: training stops; a ``RuntimeError`` naming the iteration and the case(s), chained to the
-      original exception, propagates out of ``trainer.run()`` (``train_state.pt`` holds the last periodic save).
-    * ``"continue"``: the round is skipped (no metric, nothing saved) and training goes on; the next round runs
-      normally.
-
-    In both modes ``model.pt`` is untouched by the failed round: ``checkpoint.ModelSaver`` reacts only to a
-    completed round (evaluator ``EPOCH_COMPLETED``), so the partial metrics of a failed round are never compared
-    with the best, and it only ever replaces ``model.pt`` by a better model.
-
-    Under DDP every rank validates its share of the cases and the metrics are gathered: a failure on one rank
-    leaves the others waiting in that gather, so use ``"raise"`` there (torchrun then stops the other ranks).
-
-    Args:
-        interval, validator, epoch_level, exec_at_start: as ``monai.handlers.ValidationHandler``.
-        val_error: ``"raise"`` (default) or ``"continue"``.
-    """
-
-    def __init__(
-        self,
-        interval: int,
-        validator: Optional[Any] = None,
-        epoch_level: bool = True,
-        exec_at_start: bool = False,
-        val_error: str = "raise",
-    ) -> None:
-        if val_error not in VAL_ERROR_MODES:
-            raise ValueError(f"val_error must be one of {VAL_ERROR_MODES}, got {val_error!r}.")
-        if int(interval) < 1:
-            raise ValueError(f"validation interval must be >= 1, got {interval}.")
-        super().__init__(interval, validator, epoch_level, exec_at_start)
-        self.val_error = val_error
-
-    def __call__(self, engine: Engine) -> None:
-        if self.validator is None:
-            raise RuntimeError("GuardedValidationHandler: set the validator before training.")
-        try:
-            super().__call__(engine)
-        except Exception as e:
-            # ignite keeps the dead run generator of a run that raised, so the evaluator's next run() would return
-            # at once without validating; forget it so the next round runs
-            self.validator._internal_run_generator = None
-            cases = _failing_cases(self.validator)
-            what = f"Validation at iteration {engine.state.iteration} failed on case(s) {cases or 'unknown'}"
-            what += f": {_describe(e)}"
-            action = "training stops" if self.val_error == "raise" else "round skipped, training continues"
-            logger.error(f"{what} ({action}; val_error={self.val_error!r})")
-            if self.val_error == "raise":
-                raise RuntimeError(what) from e

@@ -14,26 +14,19 @@ The pieces are MONAI/ignite components so the same graph runs from a bundle conf
   (:func:`~diffcl_algo.metrics.case_metrics` via :class:`~diffcl_algo.metrics.MedpyMetric`) and, when the run
   completes, ``metrics.csv``, ``metrics_summary.json`` and ``cases.json``, each written atomically.
 
-:func:`build_evaluator` assembles them into a ``monai.engines.SupervisedEvaluator`` (the bundle's ``evaluator``);
-:func:`evaluate` builds and runs it for an in-memory network (the demo).
+:func:`build_evaluator` assembles them into a ``monai.engines.SupervisedEvaluator``; :func:`evaluate` builds and runs
+it for an in-memory network (Auto3DSeg's validation). The bundles' evaluation workflow wires the same pieces in
+``diffcl_algo/configs/evaluate.yaml``, an override of the training graph's ``validate`` section::
 
-Bundle sketch (``evaluate.yaml``)::
-
-    imports: ["$from diffcl_algo.data import build_datalists"]
-    evaluator:
-      _target_: diffcl_algo.evaluation.build_evaluator
-      network: "@network"
-      datalist: "$build_datalists(@dataset_dir, list_name='test.list')[0]"
-      output_dir: "@output_dir"
-      patch_size: [112, 112, 80]
-      strides: [18, 18, 4]
-      device: "@device"
-      handlers:
-      - _target_: CheckpointLoader
-        load_path: "@ckpt_path"
-        load_dict: {model: "@network"}
-        map_location: "@device"
-    evaluating: ["$@evaluator.run()"]
+    validate#preprocessing: $eval_preprocessing(@spacing)
+    validate#dataset#data: '@data#cases'                 # eval_list, or the LA hold-out cases
+    validate#postprocessing: $eval_postprocessing(@output_dir)
+    validate#handlers:
+    - {_target_: CheckpointLoader, load_path: '@ckpt_path', load_dict: {model: '@network'}, map_location: '@device'}
+    - {_target_: diffcl_algo.evaluation.CaseMetricsWriter, output_dir: '@output_dir', use_spacing: ...}
+    - {_target_: StatsHandler, name: diffcl_algo.evaluate, iteration_log: false}
+    validate#evaluator#key_val_metric: null
+    evaluating: [..., $@data#check, $@validate#evaluator.run()]
 
 (``CheckpointLoader`` with a single ``load_dict`` entry accepts the bare ``state_dict`` of ``model.pt``.)
 """

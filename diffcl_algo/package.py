@@ -2,28 +2,26 @@
 
 ``package(bundle, ckpt_path, output)`` writes ``output`` (a zip) holding one folder ``<name>/``::
 
-    <name>/configs/*.yaml        self-contained: the bundles/base sections the bundle pulls with MONAI macros
-                                 ("%bundles/base/configs/train.yaml#train") are inlined, bundle_root is "."
+    <name>/configs/*.yaml        the bundle's configs (self-contained already), with any ``override`` values set
     <name>/configs/metadata.json, logging.conf
     <name>/models/model.pt       the checkpoint (CS state_dict), checked against the bundle's network_def
     <name>/docs/README.md        the bundle's README, headed by a note on the packaged form
     <name>/LICENSE
     <name>/large_files.yml       model-zoo entry of models/model.pt: path, url, hash_val (its md5), hash_type
 
-The repository's bundles pull the shared graph from ``bundles/base`` with macros that MONAI resolves relative to
-the working directory, so they only run from the repository root; the packaged copy runs from its own folder
-(``python -m monai.bundle run inferring --config_file configs/inference.yaml ...``) or with ``--bundle_root``.
-It still needs the ``diffcl_algo`` package (the configs' ``_target_`` classes). The zip is written atomically
-(temporary file + ``os.replace``) with fixed member timestamps, so the same inputs give the same bytes.
+The bundle's configs are self-contained (``bundle_root: .``), so packaging copies them and checks the weights; the
+packaged copy runs from its own folder (``python -m monai.bundle run inferring --config_file configs/inference.yaml
+...``), from anywhere with ``--bundle_root``. It needs the ``diffcl_algo`` package (the configs' ``_target_``s).
+The zip is written atomically (temporary file + ``os.replace``) with fixed member timestamps, so the same inputs
+give the same bytes.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -34,31 +32,19 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
-__all__ = ["package", "resolve_macros", "check_checkpoint", "file_md5"]
+__all__ = ["package", "check_checkpoint", "file_md5", "set_values"]
 
 logger = logging.getLogger(__name__)
 
-MACRO_KEY = "%"
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+CONFIG_SUFFIXES = (".yaml", ".yml")
 ZIP_DATE = (2022, 5, 30, 0, 0, 0)  # fixed member time (the model zoo's compress_bundle touches files likewise)
-MAX_MACRO_DEPTH = 16
-
-PACKAGED_HEADER = """\
-# Self-contained copy of {source}, written by `python -m diffcl_algo package`: the sections it
-# pulled from other files with MONAI macros ({bases}) are inlined and bundle_root is ".".
-# Run MONAI bundle commands from this bundle's folder (or pass --bundle_root <folder>), e.g.
-#   python -m monai.bundle run inferring --config_file configs/inference.yaml --dataset_dir <dir> --output_dir <dir>
-# The configs need the diffcl_algo package (its classes are the _target_s); see docs/README.md.
-"""
 
 README_NOTE = """\
 > **Packaged bundle `{name}`**, written by `python -m diffcl_algo package` from `{bundle}`.
 > Weights: `models/model.pt` = `{ckpt}`, md5 `{md5}`.
-> Unlike the repository copy described below, the configs here are self-contained (the `bundles/base` sections
-> are inlined) and `bundle_root` is `.`: run the commands from this folder with `configs/<file>.yaml` in place of
-> `{bundle}/configs/<file>.yaml`, e.g.
-> `python -m monai.bundle run inferring --config_file configs/inference.yaml --dataset_dir <dir> --output_dir <dir>`
-> (`--ckpt_path` defaults to `models/model.pt`). The `diffcl_algo` package must be installed.
+> Run the commands below from this folder with `configs/<file>.yaml` in place of `{bundle}/configs/<file>.yaml`,
+> e.g. `python -m monai.bundle run inferring --config_file configs/inference.yaml --dataset_dir <dir> --output_dir
+> <dir>` (`--ckpt_path` defaults to `models/model.pt`). The `diffcl_algo` package must be installed.
 
 """
 
@@ -79,18 +65,6 @@ NO_URL_NOTE = """\
 """
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block-style YAML, with lists of numbers / booleans / nulls in flow style (``patch_size: [112, 112, 80]``)."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(v is None or isinstance(v, (bool, int, float)) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
 def file_md5(path: str | os.PathLike) -> str:
     """Hex md5 of a file (the ``hash_val`` of a model-zoo ``large_files.yml`` entry with ``hash_type: md5``)."""
     digest = hashlib.md5()
@@ -100,54 +74,25 @@ def file_md5(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _find_file(path: str, roots: list[Path], macro: str) -> Path:
-    """A macro's file: absolute, or relative to the first of ``roots`` that holds it (MONAI: the current dir)."""
-    candidates = [Path(path)] if os.path.isabs(path) else [root / path for root in roots]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"Macro {macro!r}: file {path!r} not found (looked in {[str(c) for c in candidates]}).")
-
-
-def _resolve(value: Any, source: Optional[Path], roots: list[Path], bases: set[str], depth: int) -> Any:
-    if isinstance(value, dict):
-        return {k: _resolve(v, source, roots, bases, depth) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve(v, source, roots, bases, depth) for v in value]
-    if not (isinstance(value, str) and value.startswith(MACRO_KEY)):
-        return value
-    path, ids = ConfigParser.split_path_id(value[len(MACRO_KEY) :])
-    if not path and source is None:
-        return value  # same-file macro of the packaged config itself: MONAI resolves it there at run time
-    if depth >= MAX_MACRO_DEPTH:
-        raise ValueError(f"Macro {value!r}: more than {MAX_MACRO_DEPTH} nested macros (a cycle?).")
-    file = _find_file(path, roots, value) if path else source
-    bases.add(path or str(source))
-    content = copy.deepcopy(ConfigParser(config=ConfigParser.load_config_file(str(file)))[ids])
-    return _resolve(content, file, roots, bases, depth + 1)  # its own "%#id" macros refer to that file
-
-
-def resolve_macros(config_file: str | os.PathLike, roots: Optional[list[Path]] = None) -> tuple[dict, list[str]]:
-    """Load a bundle config and inline every macro that names another file, as MONAI would resolve it.
-
-    ``"%file#id"`` values are replaced by that section of ``file`` (recursively, so the inlined content's own
-    macros are resolved too, ``"%#id"`` in ``file`` meaning ``file#id``); same-file macros (``"%#id"``) of the
-    top level are left for MONAI. ``@`` references and ``$`` expressions are kept as they are: they resolve
-    against the packaged config's own ids, which is what MONAI does after a macro copy.
-
-    Args:
-        config_file: a JSON or YAML bundle config.
-        roots: folders where relative macro paths are looked up, in order (default: the current directory).
+def set_values(text: str, values: dict[str, Any]) -> tuple[str, set[str]]:
+    """A YAML config's text with the top-level ``values`` replaced in place (comments kept).
 
     Returns:
-        the config and the macro files that were inlined.
+        the new text and the ids it had (ids it lacks are left out).
 
     Raises:
-        FileNotFoundError: a macro's file is missing (the message names the macro and the folders tried).
+        ValueError: the edited text does not load as the config with those values (e.g. a multi-line value).
     """
-    bases: set[str] = set()
-    config = _resolve(ConfigParser.load_config_file(str(config_file)), None, roots or [Path.cwd()], bases, 0)
-    return config, sorted(bases)
+    config = yaml.safe_load(text)
+    used = {k for k in values if isinstance(config, dict) and k in config}
+    for key in used:
+        flow = yaml.safe_dump(values[key], default_flow_style=True, width=10**6).strip()
+        flow = flow[: -len("...")].strip() if flow.endswith("...") else flow
+        pattern = re.compile(rf"^{re.escape(key)}:[^\n]*?(?=(\s+#\s[^\n]*)?$)", re.MULTILINE)
+        text = pattern.sub(f"{key}: {flow}".replace("\\", "\\\\"), text, count=1)
+    if yaml.safe_load(text) != {**(config or {}), **{k: values[k] for k in used}}:
+        raise ValueError(f"Could not set {sorted(used)} in place (a value spans several lines).")
+    return text, used
 
 
 def check_checkpoint(
@@ -246,10 +191,7 @@ def package(
     overwrite: bool = False,
     **override: Any,
 ) -> str:
-    """Write a shareable, self-contained model-zoo zip of ``bundle`` with the weights ``ckpt_path``.
-
-    Run from the repository root (where the bundles' macros ``%bundles/base/...`` resolve; the folder two levels
-    above ``bundle`` is tried too). Example::
+    """Write a shareable model-zoo zip of ``bundle`` with the weights ``ckpt_path``. Example::
 
         python -m diffcl_algo package --bundle bundles/la --ckpt_path runs/la/model.pt --output dist/la_bundle.zip
 
@@ -287,38 +229,20 @@ def package(
     name = name or f"diffcl_{bundle_dir.resolve().name}"
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ValueError(f"name must be a plain folder name, got {name!r}.")
-    roots = [Path.cwd(), bundle_dir.resolve().parent, bundle_dir.resolve().parent.parent]
     override = {k: _yaml_list(v) for k, v in override.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / name
         (stage / "configs").mkdir(parents=True)
-        used = set()
+        used: set[str] = set()
         for file in sorted((bundle_dir / "configs").iterdir()):
             target = stage / "configs" / file.name
-            if file.suffix not in CONFIG_SUFFIXES or file.name == "metadata.json":
+            if file.suffix not in CONFIG_SUFFIXES or not override:
                 shutil.copyfile(file, target)
                 continue
-            config, bases = resolve_macros(file, roots)
-            original = copy.deepcopy(config)
-            if isinstance(config, dict):
-                if "bundle_root" in config:
-                    config["bundle_root"] = "."
-                for key, value in override.items():
-                    if key in config:
-                        config[key] = value
-                        used.add(key)
-            if not bases and config == original:  # nothing to inline or change: keep the file (and its comments)
-                shutil.copyfile(file, target)
-                continue
-            if file.suffix == ".json":
-                target.write_text(json.dumps(config, indent=4) + "\n")
-                continue
-            text = yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
-            if yaml.safe_load(text) != config:  # the YAML round trip must be exact
-                raise ValueError(f"{file}: the resolved config does not survive a YAML round trip.")
-            header = PACKAGED_HEADER.format(source=file.as_posix(), bases=", ".join(bases) or "none")
-            target.write_text(header + text)
+            text, found = set_values(file.read_text(), override)
+            target.write_text(text)
+            used |= found
         unknown = sorted(set(override) - used)
         if unknown:
             raise ValueError(f"Unknown config ids {unknown}: no config of {str(bundle_dir)!r} has them at top level.")

@@ -4,7 +4,8 @@ Same arguments and behaviour as MONAI's bundle CLI (``run_id``, ``--config_file`
 plus:
 
 * an override whose id is not in the config (``--num_labled 4``) stops the run before anything happens, naming
-  the closest valid id (MONAI would silently add it as a new, unused id and train with the default);
+  the closest valid id (:func:`~diffcl_algo.bundles.check_override_ids`, the check of the Python runner
+  :mod:`diffcl_algo.training` too; MONAI would silently add it as a new, unused id and train with the default);
 * ``--help`` with ``--config_file`` lists the config's value ids with their comments;
 * the torch thread count is set (``--num_threads``; default: the idle CPUs, :func:`default_num_threads`);
 * the command line reports a user error (missing data, checkpoint, bad value) in one line
@@ -13,16 +14,16 @@ plus:
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from monai.bundle import ConfigParser
-from monai.bundle.utils import ID_SEP_KEY
 
-__all__ = ["check_override_ids", "config_files", "default_num_threads", "help_epilog", "run"]
+from diffcl_algo.bundles import check_override_ids
+
+__all__ = ["config_files", "default_num_threads", "help_epilog", "run"]
 
 
 def config_files(config_file: str | Sequence[str]) -> list[str]:
@@ -30,33 +31,6 @@ def config_files(config_file: str | Sequence[str]) -> list[str]:
     if isinstance(config_file, str):
         return [f.strip() for f in config_file.split(",")] if "," in config_file else [config_file]
     return [str(f) for f in config_file]
-
-
-def check_override_ids(config: dict, overrides: Sequence[str], source: str) -> None:
-    """Refuse override ids that the config does not have (nested ids: every level must exist).
-
-    Args:
-        config: the merged config content (``ConfigParser.get()``).
-        overrides: ids as given on the command line (``"num_labeled"``, ``"train#trainer#max_epochs"``).
-        source: how to name the config in the message (its file names).
-
-    Raises:
-        ValueError: naming the unknown option and the closest valid id(s).
-    """
-    for override in overrides:
-        node: Any = config
-        path: list[str] = []
-        for part in override.replace(ID_SEP_KEY, "#").split("#"):
-            keys = [str(k) for k in node] if isinstance(node, dict) else [str(i) for i in range(len(node))]
-            if part not in keys:
-                near = difflib.get_close_matches(part, [k for k in keys if not k.startswith("_")], n=1, cutoff=0.6)
-                prefix = "#".join(path + [""])
-                hint = f"; did you mean --{prefix}{near[0]}?" if near else ""
-                raise ValueError(f"unknown option --{override}: {source} has no id '{prefix}{part}'{hint}")
-            node = node[part] if isinstance(node, dict) else node[int(part)]
-            path.append(part)
-            if not isinstance(node, (dict, list)):
-                break
 
 
 def default_num_threads(max_threads: int = 8) -> int | None:

@@ -104,64 +104,74 @@ DEFAULT_HYPERPARAMS = DiffCLHyperParams(
 )
 
 
-def table2_params(dataset: str, num_labeled: int) -> DiffCLHyperParams:
+def table2_name(dataset_name: str | None) -> str | None:
+    """The Table 2 dataset named by a config value: None for None and the strings ``""``, ``"none"``, ``"null"``
+    (what a command line gives), else the name as given."""
+    if dataset_name is None or str(dataset_name).strip().lower() in ("", "none", "null"):
+        return None
+    return str(dataset_name)
+
+
+def table2_params(dataset_name: str, num_labeled: int) -> DiffCLHyperParams:
     """Look up one row of Table 2.
 
     Args:
-        dataset: ``"LA"``, ``"Pancreas"`` or ``"BraTS"`` (case-insensitive).
+        dataset_name: ``"LA"``, ``"Pancreas"`` or ``"BraTS"`` (case-insensitive).
         num_labeled: number of labeled training cases (LA 4/8, Pancreas 6/12, BraTS 25/50).
 
     Raises:
-        ValueError: for an unknown ``(dataset, num_labeled)``; the message lists the known rows.
+        ValueError: for an unknown ``(dataset_name, num_labeled)``; the message lists the known rows.
     """
     names = {name.lower(): name for name in TABLE2}
-    name = names.get(str(dataset).lower())
+    name = names.get(str(dataset_name).lower())
     if name is None or int(num_labeled) not in TABLE2[name]:
         known = ", ".join(f"({d!r}, {n})" for d, rows in TABLE2.items() for n in rows)
         raise ValueError(
-            f"No Table 2 row for dataset={dataset!r}, num_labeled={num_labeled!r}; known rows: {known}. "
-            "For another dataset pass dataset=None (bundles: --dataset_name none) and the weights explicitly."
+            f"No Table 2 row for dataset_name={dataset_name!r}, num_labeled={num_labeled!r}; known rows: {known}. "
+            "For another dataset pass dataset_name=None (bundles: --dataset_name none) and the weights explicitly."
         )
     return TABLE2[name][int(num_labeled)]
 
 
-def nearest_table2_row(dataset: str, num_labeled: int) -> tuple[str, int]:
-    """``(dataset, num_labeled)`` of the Table 2 row used for a labeled count: the exact row when it exists, else
+def nearest_table2_row(dataset_name: str, num_labeled: int) -> tuple[str, int]:
+    """``(dataset_name, num_labeled)`` of the Table 2 row used for a labeled count: the exact row when it exists, else
     the row of the nearest labeled count (ties: the larger count).
 
     Raises:
         ValueError: an unknown dataset (the message lists the known rows).
     """
     names = {name.lower(): name for name in TABLE2}
-    name = names.get(str(dataset).lower())
+    name = names.get(str(dataset_name).lower())
     if name is None:
-        table2_params(dataset, num_labeled)  # raises, listing the known rows
+        table2_params(dataset_name, num_labeled)  # raises, listing the known rows
     counts = sorted(TABLE2[name])
     return name, min(counts, key=lambda n: (abs(n - int(num_labeled)), -n))
 
 
 def resolve_hyperparams(
-    dataset: str | None = None, num_labeled: int | None = None, **overrides: Any
+    dataset_name: str | None = None, num_labeled: int | None = None, **overrides: Any
 ) -> DiffCLHyperParams:
-    """Table 2 row (or ``DEFAULT_HYPERPARAMS`` when ``dataset`` is None) with explicit overrides applied.
+    """Table 2 row (or ``DEFAULT_HYPERPARAMS`` when no dataset is named, see :func:`table2_name`) with explicit
+    overrides applied.
 
     Any labeled count works: without an exact row, the row of the nearest count is used
     (:func:`nearest_table2_row`); the log names the row either way.
 
     Args:
-        dataset: Table 2 dataset name or None.
-        num_labeled: the number of labeled cases (required with ``dataset``).
+        dataset_name: Table 2 dataset name or None.
+        num_labeled: the number of labeled cases (required with ``dataset_name``; ignored without).
         overrides: any ``DiffCLHyperParams`` field; ``None`` values mean "keep the table value".
 
     Raises:
         ValueError: unknown dataset, missing ``num_labeled`` or unknown override name.
     """
-    if dataset is None:
+    name = table2_name(dataset_name)
+    if name is None:
         base = DEFAULT_HYPERPARAMS
     elif num_labeled is None:
-        base = table2_params(dataset, -1)  # raises: a dataset needs num_labeled to pick its row (lists the rows)
+        base = table2_params(name, -1)  # raises: a dataset needs num_labeled to pick its row (lists the rows)
     else:
-        name, row = nearest_table2_row(dataset, num_labeled)
+        name, row = nearest_table2_row(name, num_labeled)
         base = table2_params(name, row)
         if row == int(num_labeled):
             logger.info(f"Table 2 row: {name}, {row} labeled.")

@@ -28,9 +28,10 @@ from monai.utils import set_determinism
 
 from diffcl_algo.checkpoint import atomic_save
 from diffcl_algo.data import train_transforms
-from diffcl_algo.engine import derive_seed
+from diffcl_algo.data.iteration import derive_seed
 from diffcl_algo.losses import DiceCELoss
 from diffcl_algo.networks import VNet
+from diffcl_algo.training import as_bool
 
 logger = logging.getLogger("diffcl_algo.reference")
 
@@ -48,7 +49,7 @@ def bundle_settings(config_files: Sequence[str], overrides: dict) -> dict:
     out = {k: parser.get_parsed_content(k) for k in ids}
     out["labeled"] = parser.get_parsed_content("data#labeled")
     for flag in ("normalize_intensity", "channels_last"):
-        out[flag] = str(out[flag]).lower() in ("1", "true", "yes", "on")
+        out[flag] = as_bool(out[flag])
     return out
 
 

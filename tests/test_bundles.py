@@ -1,11 +1,13 @@
-"""Tests of the MONAI bundles (bundles/base + la / brats / pancreas): the three workflows on tiny synthetic data of
-each layout, MONAI property checks, metadata schema, data errors, CLI overrides, resume, the LA hold-out split and
-one literal ``python -m monai.bundle run training`` command line (CPU, ~2 minutes)."""
+"""Tests of the MONAI bundles (bundles/la, brats, pancreas): the three workflows on tiny synthetic data of each
+layout, run from another working directory, MONAI property checks, metadata schema, data errors, CLI overrides,
+resume, the LA hold-out split, literal ``python -m monai.bundle run`` command lines from another directory and from a
+copied bundle folder (CPU, ~2 minutes)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +41,9 @@ SETTINGS = {"la": (8, 4, "LA"), "brats": (6, 2, None), "pancreas": (10, 6, "Panc
 
 
 def _workflow(bundle: str, workflow: str, **overrides) -> ConfigWorkflow:
-    """An initialised ``ConfigWorkflow`` of ``bundles/<bundle>/configs/<workflow>.yaml`` (cwd = repository root)."""
+    """An initialised ``ConfigWorkflow`` of ``bundles/<bundle>/configs/<workflow>.yaml``."""
     wf = ConfigWorkflow(
-        config_file=f"bundles/{bundle}/configs/{workflow}.yaml",
+        config_file=str(REPO / "bundles" / bundle / "configs" / f"{workflow}.yaml"),
         workflow_type="train" if workflow == "train" else "infer",
         run_id=RUN_IDS[workflow],
         **overrides,
@@ -56,8 +58,8 @@ def _run(wf: ConfigWorkflow) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _repo_root(monkeypatch):
-    monkeypatch.chdir(REPO)  # the bundles' macros name bundles/base/configs/... relative to the working directory
+def _elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the bundles load from any working directory
 
 
 @pytest.fixture(scope="module")
@@ -195,31 +197,53 @@ def test_la_holdout_split_and_resume(datasets, tmp_path):
     assert [p.name for p in (tmp_path / "pred").iterdir()] == [f"{train_cases[0]}.nii.gz"]
 
 
-def test_cli_training_command_line(datasets, tmp_path):
-    out = tmp_path / "cli"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training",
-        "--config_file", "bundles/la/configs/train.yaml",
-        "--dataset_dir", datasets["la"], "--output_dir", str(out),
-        "--max_iterations", "2", "--val_interval", "2", "--num_labeled", "4",
-        "--patch_size", "[32, 32, 16]", "--strides", "[16, 16, 8]", "--n_filters", "4", "--head_dim", "16",
-        "--cl_num_anchors", "16", "--cl_num_unlabeled", "512", "--cl_top_k", "32", "--device", "cpu",
-        "--progress", "false", "--use_cl", "false",
-    ]  # fmt: skip
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def _cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+TINY_CLI = [
+    "--max_iterations", "2", "--val_interval", "2", "--num_labeled", "4",
+    "--patch_size", "[32, 32, 16]", "--strides", "[16, 16, 8]", "--n_filters", "4", "--head_dim", "16",
+    "--cl_num_anchors", "16", "--cl_num_unlabeled", "512", "--cl_top_k", "32", "--device", "cpu",
+    "--progress", "false", "--use_cl", "false",
+]  # fmt: skip
+
+
+def test_cli_training_command_line_from_another_directory(datasets, tmp_path):
+    out = tmp_path / "cli"
+    config = str(REPO / "bundles/la/configs/train.yaml")
+    _cli(["training", "--config_file", config, "--dataset_dir", datasets["la"], "--output_dir", str(out), *TINY_CLI],
+         cwd=tmp_path)  # fmt: skip
     assert (out / "model.pt").is_file() and (out / "train_state.pt").is_file() and (out / "train.log").is_file()
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["iteration"] == 2 and state["config"]["use_cl"] is False and state["memory_bank"] is None
 
 
+def test_copied_bundle_trains_and_evaluates_with_its_defaults(datasets, tmp_path):
+    """A copy of bundles/la elsewhere runs from its own folder: outputs under its bundle_root (models/, eval/)."""
+    bundle = Path(shutil.copytree(REPO / "bundles" / "la", tmp_path / "copy" / "la"))
+    data = ["--dataset_dir", datasets["la"]]
+    _cli(["training", "--config_file", "configs/train.yaml", *data, *TINY_CLI], cwd=bundle)
+    assert (bundle / "models" / "model.pt").is_file() and (bundle / "models" / "train.log").is_file()
+    tiny_net = ["--patch_size", "[32, 32, 16]", "--strides", "[16, 16, 8]", "--n_filters", "4", "--device", "cpu"]
+    _cli(["evaluating", "--config_file", "configs/evaluate.yaml", *data, *tiny_net], cwd=bundle)
+    summary = json.loads((bundle / "eval" / "metrics_summary.json").read_text())
+    assert summary["count"] == 2
+    _cli(["inferring", "--config_file", str(bundle / "configs/inference.yaml"), "--bundle_root", str(bundle), *data,
+          *tiny_net], cwd=tmp_path)  # fmt: skip
+    assert len(list((bundle / "infer").glob("*.nii.gz"))) == 2
+
+
 def test_la_cpu_protocol_layers_over_train_and_evaluate(datasets, tmp_path):
-    cpu = "bundles/la/configs/cpu.yaml"
+    cpu = str(REPO / "bundles/la/configs/cpu.yaml")
     small = {k: v for k, v in SMALL_TRAIN.items() if k not in ("patch_size", "strides", "n_filters")}
     wf = ConfigWorkflow(
-        config_file=["bundles/la/configs/train.yaml", cpu],
+        config_file=[str(REPO / "bundles/la/configs/train.yaml"), cpu],
         workflow_type="train",
         run_id="training",
         **dict(small, dataset_dir=datasets["la"], output_dir=str(tmp_path / "run"), num_labeled=4, dataset_name=None,
@@ -232,7 +256,7 @@ def test_la_cpu_protocol_layers_over_train_and_evaluate(datasets, tmp_path):
     assert wf.parser["patch_size"] == [48, 48, 32] and wf.parser["n_filters"] == 8
     _run(wf)
     ev = ConfigWorkflow(
-        config_file=["bundles/la/configs/evaluate.yaml", cpu],
+        config_file=[str(REPO / "bundles/la/configs/evaluate.yaml"), cpu],
         workflow_type="infer",
         run_id="evaluating",
         dataset_dir=datasets["la"],

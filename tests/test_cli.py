@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from diffcl_algo.bundles import check_override_ids
 from diffcl_algo.cli import COMMANDS, docstring_args, main, parse_overrides, parse_value
-from diffcl_algo.run_bundle import check_override_ids, default_num_threads
+from diffcl_algo.run_bundle import default_num_threads
 
 REPO = Path(__file__).resolve().parents[1]
 LA = "bundles/la/configs"
@@ -19,7 +20,7 @@ LA = "bundles/la/configs"
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    monkeypatch.chdir(REPO)  # the bundles' macros name bundles/base/configs/... from the repository root
+    monkeypatch.chdir(REPO)  # the commands below name the bundles as a user in the repository root does
 
 
 def _last_line(text: str) -> str:

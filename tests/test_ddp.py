@@ -29,11 +29,11 @@ def _worker(rank: int, port: int, data_dir: str, out_dir: str, result_dir: str) 
     )
     torch.set_num_threads(1)
     from diffcl_algo.checkpoint import unwrap
-    from diffcl_algo.training import build_trainer, close_trainer
+    from diffcl_algo.training import build_trainer
 
-    trainer = build_trainer(data_dir, max_iterations=2, val_interval=2, output_dir=out_dir, **SMALL_TRAIN)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, val_interval=2, output_dir=out_dir, **SMALL_TRAIN)
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     result = {"val_mean_dice": torch.tensor(trainer.evaluator.state.metrics["val_mean_dice"])}
     for name in ("cs_network", "ds_network", "cs_head", "ds_head"):
         for k, p in unwrap(getattr(trainer, name)).named_parameters():

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from diffcl_algo.demo import MODELS, demo
-from diffcl_algo.training import find_bundles
 
 
 def test_demo_quick_writes_report(tmp_path, monkeypatch):
@@ -25,10 +22,3 @@ def test_demo_quick_writes_report(tmp_path, monkeypatch):
     assert all(name in table for name in MODELS)
     saved = json.loads((out / "demo_summary.json").read_text())
     assert 0.0 <= saved["models"]["Diff-CL"]["dice"] <= 1.0
-
-
-def test_missing_bundles_give_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delenv("DIFFCL_BUNDLES", raising=False)
-    with pytest.raises(FileNotFoundError, match="bundles"):
-        find_bundles(tmp_path / "nowhere")
-    assert (find_bundles() / "la" / "configs" / "train.yaml").is_file()

@@ -1,5 +1,5 @@
-"""Tests of diffcl_algo.engine / training: Algorithm 1 iteration, ablation switches, exact resume, data flow,
-TensorBoard tags, and a small overfit run (CPU, tiny synthetic volumes)."""
+"""Tests of diffcl_algo.engine / data.iteration / training: Algorithm 1 iteration, ablation switches, exact resume,
+data flow, TensorBoard tags, and a small overfit run (CPU, tiny synthetic volumes)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 from ignite.engine import Events
 from tiny_settings import SMALL_TRAIN
 
+from diffcl_algo.data.iteration import IterationBatchDataset
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms
-from diffcl_algo.engine import LOSS_KEYS, IterationBatchDataset
+from diffcl_algo.engine import LOSS_KEYS
 from diffcl_algo.networks.hf_mamba import HFMamba
-from diffcl_algo.training import build_trainer, close_trainer, train
+from diffcl_algo.training import build_trainer, train
 
 PATCH = SMALL_TRAIN["patch_size"]
 SMALL = dict(SMALL_TRAIN, val_interval=0)
@@ -36,11 +37,11 @@ def _changed(before, module):
 
 
 def test_one_iteration_all_terms(data_dir, tmp_path):
-    trainer = build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), eta=0.5, **SMALL)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), eta=0.5, **SMALL)
     before = {k: _params(getattr(trainer, k)) for k in ("cs_network", "ds_network", "cs_head")}
     ds_head_before = _params(trainer.ds_head)
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     out = trainer.state.output
     assert tuple(out) == LOSS_KEYS
     assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
@@ -60,9 +61,9 @@ def test_one_iteration_all_terms(data_dir, tmp_path):
 
 
 def test_unsup_ramp_scales_unsupervised_terms(data_dir, tmp_path):
-    trainer = build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), unsup_ramp=True, **SMALL)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), unsup_ramp=True, **SMALL)
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     out, hp = trainer.state.output, trainer.hparams
     w = np.exp(-5.0)  # lambda(0) / peak
     assert out["loss_cps_cs"] > 0 and out["loss_cl"] > 0
@@ -78,11 +79,12 @@ def test_unsup_ramp_scales_unsupervised_terms(data_dir, tmp_path):
 )
 def test_ablation_switches(data_dir, tmp_path, use_cps, use_hfm, use_cl):
     trainer = build_trainer(
-        data_dir, max_iterations=1, output_dir=str(tmp_path), use_cps=use_cps, use_hfm=use_hfm, use_cl=use_cl, **SMALL
+        dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), use_cps=use_cps, use_hfm=use_hfm,
+        use_cl=use_cl, **SMALL,
     )
     cs_before, ds_before = _params(trainer.cs_network), _params(trainer.ds_network)
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     out = trainer.state.output
     uses_ds = use_cps or use_cl
     assert all(np.isfinite(v) for v in out.values())
@@ -111,19 +113,19 @@ def _full_state(trainer):
 def test_resume_is_exact(data_dir, tmp_path):
     n = 4
     common = dict(SMALL, max_iterations=n, poly_lr_power=0.9, ckpt_interval=n // 2, seed=3)
-    straight = build_trainer(data_dir, output_dir=str(tmp_path / "straight"), num_workers=2, **common)
+    straight = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "straight"), num_workers=2, **common)
     straight.run()
-    close_trainer(straight)
+    straight.close()
 
-    first = build_trainer(data_dir, output_dir=str(tmp_path / "resumed"), **common)
+    first = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "resumed"), **common)
     first.add_event_handler(Events.ITERATION_COMPLETED(once=n // 2), lambda e: e.terminate())  # "crash"
     first.run()
-    close_trainer(first)
+    first.close()
     assert first.state.iteration == n // 2
-    second = build_trainer(data_dir, output_dir=str(tmp_path / "resumed"), resume=True, **common)
+    second = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "resumed"), resume=True, **common)
     assert second.state.iteration == n // 2
     second.run()
-    close_trainer(second)
+    second.close()
     assert second.state.iteration == n
     assert second.state.output == straight.state.output
     a, b = _full_state(straight), _full_state(second)
@@ -134,7 +136,7 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 def test_resume_missing_file_names_path(data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="train_state.pt"):
-        build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), resume=True, **SMALL)
+        build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path), resume=True, **SMALL)
 
 
 def test_iteration_dataset_is_deterministic_and_sharded(data_dir):
@@ -186,12 +188,12 @@ def test_overfit_tiny_set(tmp_path):
 
     data = str(make_synthetic_dataset(tmp_path / "la", num_cases=5, shape=(32, 32, 16), seed=1, num_test=1))
     trainer = build_trainer(
-        data,
+        dataset_dir=data,
         output_dir=str(tmp_path / "out"),
         **dict(SMALL, n_filters=8, max_iterations=120, lr=0.1, poly_lr_power=0.9, t_max=5),
     )  # ~0.25 s / iteration on one free CPU core
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     labeled, _ = build_datalists(data, num_labeled=2)
     dice = []
     for case in labeled:
@@ -223,7 +225,7 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
         "cs_opt": dict(sgd, params="$list(@cs.parameters()) + list(@cs_head.parameters())"),
         "ds_opt": dict(sgd, params="$list(@ds.parameters()) + list(@ds_head.parameters())"),
         "dataset": {
-            "_target_": "diffcl_algo.engine.IterationBatchDataset",
+            "_target_": "diffcl_algo.data.iteration.IterationBatchDataset",
             "labeled": "$@cases[:2]",
             "unlabeled": "$[{'image': c['image']} for c in @cases[2:]]",
             "labeled_transform": flip,
@@ -234,7 +236,8 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
             "_target_": "diffcl_algo.engine.DiffCLTrainer",
             "device": "cpu",
             "max_iterations": 3,
-            "train_data_loader": {"_target_": "diffcl_algo.engine.make_iteration_loader", "dataset": "@dataset"},
+            "train_data_loader": {"_target_": "diffcl_algo.data.iteration.make_iteration_loader",
+                                  "dataset": "@dataset"},
             "cs_network": "@cs",
             "ds_network": "@ds",
             "cs_optimizer": "@cs_opt",
@@ -243,8 +246,7 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
             "cs_head": "@cs_head",
             "ds_head": "@ds_head",
             "memory_bank": "@bank",
-            "dataset": "LA",
-            "num_labeled": 8,
+            "hyperparams": {"_target_": "diffcl_algo.schedules.table2_params", "dataset_name": "LA", "num_labeled": 8},
             "cl_num_anchors": 8,
             "cl_num_unlabeled": 256,
             "cl_top_k": 16,
@@ -273,6 +275,6 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
 
 def test_amp_is_ignored_on_cpu(data_dir, tmp_path):
     with pytest.warns(UserWarning, match="amp=True is ignored"):
-        trainer = build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), amp=True, **SMALL)
-    close_trainer(trainer)
+        trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), amp=True, **SMALL)
+    trainer.close()
     assert not trainer.amp_enabled and trainer.scaler is None

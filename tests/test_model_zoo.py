@@ -3,8 +3,8 @@
 The checks of model-zoo's ``ci/verify_bundle.py -m full`` through the MONAI functions it calls: metadata against
 the offline model-zoo schema (``verify_metadata``, no download), network input / output (``verify_net_in_out``),
 TorchScript export of ``models/model.pt`` (``ckpt_export``, which scripts the CS with HF-Mamba's portable
-selective scan) giving the eager network's output; and ``python -m diffcl_algo package``: a self-contained zip
-that verifies, exports and segments from another directory, and clear errors for bad inputs.
+selective scan) giving the eager network's output; and ``python -m diffcl_algo package``: a zip that verifies,
+exports and segments from another directory, and clear errors for bad inputs. Everything runs outside the repository.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from diffcl_algo.package import file_md5, package
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "reference" / "model-zoo" / "meta_schema_20240725.json"
 BUNDLES = ("la", "brats", "pancreas")
+LA = REPO / "bundles" / "la"
 TINY = {"n_filters": 4}  # network values of the tiny checkpoints
 SMALL_INPUT = {"_meta_#network_data_format#inputs#image#spatial_shape": [32, 32, 32]}
 ZIP_FILES = {
@@ -48,12 +49,12 @@ ZIP_FILES = {
 
 
 @pytest.fixture(autouse=True)
-def _repo_root(monkeypatch):
-    monkeypatch.chdir(REPO)  # the repository bundles' macros name bundles/base/configs/... relative to the cwd
+def _elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the bundles are self-contained: no working directory is needed
 
 
 def _files(bundle: str) -> dict[str, str]:
-    root = f"bundles/{bundle}"
+    root = str(REPO / "bundles" / bundle)
     return {
         "meta_file": f"{root}/configs/metadata.json",
         "config_file": f"{root}/configs/inference.yaml",
@@ -192,7 +193,7 @@ def test_scripted_mamba_matches_eager_with_gradients(length):
 def test_package_round_trip(tmp_path, monkeypatch):
     ckpt = _tiny_ckpt("la", tmp_path / "model.pt")
     out = tmp_path / "dist" / "la_bundle.zip"
-    assert package("bundles/la", str(ckpt), str(out), **TINY) == str(out)
+    assert package(str(LA), str(ckpt), str(out), **TINY) == str(out)
 
     with zipfile.ZipFile(out) as archive:
         names = set(archive.namelist())
@@ -201,8 +202,7 @@ def test_package_round_trip(tmp_path, monkeypatch):
         assert archive.read("diffcl_la/models/model.pt") == ckpt.read_bytes()
         archive.extractall(tmp_path / "elsewhere")
     bundle = tmp_path / "elsewhere" / "diffcl_la"
-    assert _file_macros(ConfigParser.load_config_file("bundles/la/configs/train.yaml"))  # the repository's do
-    for config in (bundle / "configs").glob("*.yaml"):
+    for config in [*(bundle / "configs").glob("*.yaml"), *(LA / "configs").glob("*.yaml")]:
         assert _file_macros(yaml.safe_load(config.read_text())) == [], config
     inference = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
     assert inference["bundle_root"] == "." and inference["n_filters"] == 4 and "network_def" in inference
@@ -211,10 +211,10 @@ def test_package_round_trip(tmp_path, monkeypatch):
 
     # same inputs, same bytes (fixed member times); --overwrite replaces
     first = out.read_bytes()
-    package("bundles/la", str(ckpt), str(out), overwrite=True, **TINY)
+    package(str(LA), str(ckpt), str(out), overwrite=True, **TINY)
     assert out.read_bytes() == first
 
-    monkeypatch.chdir(bundle)  # no bundles/base here: the packaged configs must stand alone
+    monkeypatch.chdir(bundle)
     from monai.bundle import download_large_files
 
     download_large_files(bundle_path=".")  # md5 of the present models/model.pt checked, nothing downloaded
@@ -259,44 +259,45 @@ def test_package_errors(tmp_path):
     out = tmp_path / "dist" / "bundle.zip"
     missing = tmp_path / "runs" / "model.pt"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        package("bundles/la", str(missing), str(out))
+        package(str(LA), str(missing), str(out))
     with pytest.raises(FileNotFoundError, match=r"bundles/nope.*metadata\.json"):
-        package("bundles/nope", str(missing), str(out))
+        package(str(REPO / "bundles" / "nope"), str(missing), str(out))
 
     tiny = _tiny_ckpt("la", tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match=rf"{re.escape(str(tiny))}.*does not match network_def.*shape mism") as error:
-        package("bundles/la", str(tiny), str(out))  # trained with n_filters 4, packaged with the default 16
+        package(str(LA), str(tiny), str(out))  # trained with n_filters 4, packaged with the default 16
     assert "n_filters" in str(error.value)
     _no_output(out)
 
     state = torch.load(tiny, weights_only=True)
     torch.save({k: v for k, v in state.items() if not k.startswith("hfm.")}, tmp_path / "no_hfm.pt")
     with pytest.raises(ValueError, match=r"no_hfm\.pt.*missing keys [1-9]\d* \['hfm\.5\."):
-        package("bundles/la", str(tmp_path / "no_hfm.pt"), str(out), **TINY)
+        package(str(LA), str(tmp_path / "no_hfm.pt"), str(out), **TINY)
     torch.save({"cs_network": state, "iteration": 3}, tmp_path / "train_state.pt")
     with pytest.raises(ValueError, match=r"train_state\.pt.*train_state"):
-        package("bundles/la", str(tmp_path / "train_state.pt"), str(out), **TINY)
+        package(str(LA), str(tmp_path / "train_state.pt"), str(out), **TINY)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"junk\.pt.*not a readable torch file"):
-        package("bundles/la", str(tmp_path / "junk.pt"), str(out), **TINY)
+        package(str(LA), str(tmp_path / "junk.pt"), str(out), **TINY)
     with pytest.raises(ValueError, match=r"Unknown config ids \['n_filter'\]"):
-        package("bundles/la", str(tiny), str(out), n_filter=4)
+        package(str(LA), str(tiny), str(out), n_filter=4)
     _no_output(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(b"previous")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        package("bundles/la", str(tiny), str(out), **TINY)
+        package(str(LA), str(tiny), str(out), **TINY)
     assert out.read_bytes() == b"previous"
 
 
 def test_package_command_line(tmp_path):
     ckpt = _tiny_ckpt("pancreas", tmp_path / "model.pt")
     out = tmp_path / "pancreas_bundle.zip"
-    command = [sys.executable, "-m", "diffcl_algo", "package", "--bundle", "bundles/pancreas"]
+    command = [sys.executable, "-m", "diffcl_algo", "package", "--bundle", str(REPO / "bundles" / "pancreas")]
     command += ["--ckpt_path", str(ckpt), "--output", str(out), "--name", "pancreas_diffcl", "--n_filters", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     with zipfile.ZipFile(out) as archive:
         assert ZIP_FILES <= {n.removeprefix("pancreas_diffcl/") for n in archive.namelist()}

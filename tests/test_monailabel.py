@@ -1,7 +1,7 @@
 """MONAI Label integration (integrations/monailabel, docs/monailabel.md).
 
-Unmarked tests (default run, main environment): the request guards as an ASGI middleware and the config macro
-rewriting. ``monailabel``-marked tests (deselected by default; ``.ci/run`` runs them after
+Unmarked tests (default run, main environment): the request guards as an ASGI middleware and the bundle config
+loading from another directory. ``monailabel``-marked tests (deselected by default; ``.ci/run`` runs them after
 ``integrations/monailabel/setup_env.sh``): a real ``monailabel start_server`` from the MONAI Label environment
 (``$DIFFCL_MONAILABEL_PYTHON``, default ``.venv-monailabel/bin/python``; missing: the tests fail) serving the LA
 bundle with a random-init CS checkpoint, called over HTTP: the label volume equals ``predict_volume``'s, path-like
@@ -32,7 +32,6 @@ from monai.bundle import ConfigParser
 
 from diffcl_algo.inference import predict_volume
 from integrations.monailabel.diffcl_monailabel import guards
-from integrations.monailabel.diffcl_monailabel.bundle_config import absolutize_macros, resolve_macro_file
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "integrations" / "monailabel" / "app"
@@ -165,19 +164,14 @@ def test_check_image_request(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- bundle config
-def test_absolutize_macros_parses_from_any_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bundle_config_parses_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what MONAI Label's BundleInferTask does with the bundle's inference.yaml
     parser = ConfigParser()
     parser.read_config(str(LA_BUNDLE / "configs" / "inference.yaml"))
-    parser.set(absolutize_macros(parser.get(), LA_BUNDLE))
-    macro = parser.get("network_def")
-    assert macro == f"%{REPO / 'bundles/base/configs/inference.yaml'}::network_def"
-    parser.update({"n_filters": 4})
+    parser.update({"bundle_root": str(LA_BUNDLE), "n_filters": 4})
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == "VNet" and net.feature_channels == 4
-    assert absolutize_macros({"a": ["%#x", "%/abs/c.yaml::y", 3]}, LA_BUNDLE) == {"a": ["%#x", "%/abs/c.yaml::y", 3]}
-    with pytest.raises(FileNotFoundError):
-        resolve_macro_file("bundles/base/configs/missing.yaml", LA_BUNDLE)
+    assert parser.get_parsed_content("ckpt_path") == f"{LA_BUNDLE}/models/model.pt"
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -205,7 +199,6 @@ def _la_network() -> torch.nn.Module:
     """The LA bundle's CS network (its inference config, random init)."""
     parser = ConfigParser()
     parser.read_config(str(LA_BUNDLE / "configs" / "inference.yaml"))
-    parser.set(absolutize_macros(parser.get(), LA_BUNDLE))
     return parser.get_parsed_content("network_def")
 
 
@@ -249,7 +242,7 @@ def served(tmp_path_factory) -> Iterator[dict]:
     started = time.monotonic()
     # as in an activated venv: MONAI Label's `monailabel` script runs `python` ($MONAILABEL_PYEXE) from the PATH
     env = {**os.environ, "PATH": f"{py.parent}{os.pathsep}{os.environ.get('PATH', '')}", "MONAILABEL_PYEXE": str(py)}
-    with open(log, "wb") as out:  # cwd: not the repository root (the app resolves the bundle's macros itself)
+    with open(log, "wb") as out:  # cwd: not the repository root (the bundle's configs are self-contained)
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         while True:

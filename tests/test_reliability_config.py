@@ -11,7 +11,7 @@ import torch
 from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.data import make_synthetic_dataset
-from diffcl_algo.engine import GuardedValidationHandler
+from diffcl_algo.handlers import GuardedValidationHandler
 from diffcl_algo.schedules import resolve_hyperparams, table2_params
 from diffcl_algo.training import train
 
@@ -41,7 +41,7 @@ def test_any_labeled_count_uses_the_nearest_table2_row(caplog):
     assert messages[0].startswith("Table 2 has no LA row for 2 labeled cases; using the nearest row, LA 4 labeled (")
     assert "eta=0.7" in messages[0] and messages[-1] == "Table 2 row: LA, 8 labeled."
     known = "('Pancreas', 6), ('Pancreas', 12), ('LA', 4), ('LA', 8), ('BraTS', 25), ('BraTS', 50)"
-    with pytest.raises(ValueError, match="No Table 2 row for dataset='Prostate'") as info:
+    with pytest.raises(ValueError, match="No Table 2 row for dataset_name='Prostate'") as info:
         resolve_hyperparams("Prostate", 8)
     assert f"known rows: {known}" in str(info.value) and "--dataset_name none" in str(info.value)
 

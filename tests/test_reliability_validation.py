@@ -15,8 +15,8 @@ from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.checkpoint import load_train_state
 from diffcl_algo.data import make_synthetic_dataset
-from diffcl_algo.engine import GuardedValidationHandler
-from diffcl_algo.training import build_trainer, close_trainer
+from diffcl_algo.handlers import GuardedValidationHandler
+from diffcl_algo.training import build_trainer
 
 TINY = dict(TINY_TRAIN, max_iterations=6, val_interval=2, ckpt_interval=2)
 VAL_CASES = ["synth_la_004", "synth_la_005"]  # make_synthetic_dataset's test list (num_test=2)
@@ -29,7 +29,7 @@ def data_dir(tmp_path):
 
 def _guarded_trainer(data_dir: Path, out: Path, val_error: str):
     """``build_trainer`` with ``val_error``; the bundle graph attaches exactly one ``GuardedValidationHandler``."""
-    trainer = build_trainer(str(data_dir), output_dir=str(out), val_error=val_error, **TINY)
+    trainer = build_trainer(dataset_dir=str(data_dir), output_dir=str(out), val_error=val_error, **TINY)
     found = []
     for handler, _, _ in trainer._event_handlers[Events.ITERATION_COMPLETED]:
         handler = handler._parent() if hasattr(handler, "_parent") else handler
@@ -60,9 +60,9 @@ def test_continue_skips_the_failed_round(data_dir, tmp_path, caplog):
     out = tmp_path / "run"
     trainer, saves = _guarded_trainer(data_dir, out, "continue")
     rounds = _fail_in_round(trainer.evaluator, round_index=2, case_index=1)  # 2nd case of the round at iteration 4
-    with caplog.at_level(logging.ERROR, logger="diffcl_algo.engine"):
+    with caplog.at_level(logging.ERROR, logger="diffcl_algo.handlers"):
         trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     assert trainer.state.iteration == 6 and len(rounds) == 3  # training and the later round went on
     expected = f"Validation at iteration 4 failed on case(s) ['{VAL_CASES[1]}']: RuntimeError: injected evaluator "
     expected += "failure"
@@ -79,7 +79,7 @@ def test_raise_stops_training_and_keeps_the_best_model(data_dir, tmp_path):
     _fail_in_round(trainer.evaluator, round_index=2, case_index=0)
     with pytest.raises(RuntimeError, match=rf"Validation at iteration 4 failed on case\(s\) \['{VAL_CASES[0]}'\]"):
         trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     assert saves == [2]
     best = torch.load(out / "model.pt", weights_only=True)
     state = load_train_state(out / "train_state.pt")  # the last periodic save, before the failed round
@@ -96,9 +96,9 @@ def test_corrupt_validation_file_found_during_training(data_dir, tmp_path, caplo
     bad = Path(data_dir) / "2018LA_Seg_Training Set" / VAL_CASES[1] / "mri_norm2.h5"
     good = bad.read_bytes()
     bad.write_bytes(good[:300])  # after build_trainer's up-front check (data#check) passed
-    with caplog.at_level(logging.ERROR, logger="diffcl_algo.engine"):
+    with caplog.at_level(logging.ERROR, logger="diffcl_algo.handlers"):
         trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     for iteration in (2, 4, 6):
         assert f"Validation at iteration {iteration} failed on case(s) ['{VAL_CASES[1]}']" in caplog.text
     assert "<- caused by OSError: Unable to synchronously open file (truncated file" in caplog.text
@@ -109,7 +109,7 @@ def test_corrupt_validation_file_found_during_training(data_dir, tmp_path, caplo
     bad.write_bytes(good[:300])
     with pytest.raises(RuntimeError, match=rf"Validation at iteration 2 failed on case\(s\) \['{VAL_CASES[1]}'\]"):
         trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     assert not (tmp_path / "run2" / "model.pt").exists()
 
 

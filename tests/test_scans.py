@@ -9,7 +9,6 @@ mask on its input's own grid and affine. The network is a 1x1x1 convolution scor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import h5py
@@ -17,20 +16,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Spacing
 from scipy.ndimage import gaussian_filter
 
 from diffcl_algo.data import ScanNormalized, make_synthetic_dataset
-from diffcl_algo.demo import run_bundle_workflow
 from diffcl_algo.inference import predict_volume
 from diffcl_algo.scans import check_roi, scan_preprocessing
-from diffcl_algo.training import find_bundles
+from diffcl_algo.training import load_bundle, run_workflow
 
 SHAPE = (40, 36, 20)
 SPACING = 0.625
 PATCH, STRIDES = [16, 16, 16], [8, 8, 8]
+LA_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "la"
 
 
 def _affine(origin=(10.0, -5.0, 3.0)) -> np.ndarray:
@@ -83,12 +81,7 @@ def nrrd_scan(scans) -> Path:
 
 
 def _la_preprocessing(**overrides) -> object:
-    parser = ConfigParser()
-    bundles = find_bundles()
-    parser.read_config(str(bundles / "la" / "configs" / "inference.yaml"))
-    parser.update({"preprocessing": "%" + str(bundles / "base" / "configs" / "inference.yaml") + "#preprocessing"})
-    parser.update(overrides)
-    return parser.get_parsed_content("preprocessing")
+    return load_bundle(LA_BUNDLE, "inference", **overrides).get_parsed_content("preprocessing")
 
 
 def test_copies_reach_the_network_as_the_same_input(scans, nrrd_scan):
@@ -146,8 +139,8 @@ def _expected_mask(path: Path) -> np.ndarray:
 
 def test_inferring_writes_masks_on_each_inputs_grid(scans, tmp_path):
     names = ["reference", "raw", "flipped", "oblique", "spacing"]
-    run_bundle_workflow(
-        "la",
+    run_workflow(
+        LA_BUNDLE,
         "inference",
         images=[str(scans[n]) for n in names],
         ckpt_path=str(_threshold_net(tmp_path)),
@@ -172,8 +165,8 @@ def test_inferring_writes_masks_on_each_inputs_grid(scans, tmp_path):
 
 def test_nrrd_input_and_predict_volume_on_a_file(scans, nrrd_scan, tmp_path):
     ckpt = _threshold_net(tmp_path)
-    run_bundle_workflow(
-        "la",
+    run_workflow(
+        LA_BUNDLE,
         "inference",
         images=str(nrrd_scan),
         ckpt_path=str(ckpt),
@@ -216,14 +209,7 @@ def test_monailabel_path_uses_the_bundle_graph(scans, tmp_path):
     SaveImaged, it writes the result itself): the same chain gives the mask on the input grid."""
     from monai.transforms import Compose, SaveImaged
 
-    parser = ConfigParser()
-    bundles = find_bundles()
-    parser.read_config(str(bundles / "la" / "configs" / "inference.yaml"))
-    config = json.loads(json.dumps(parser.get()))
-    for key in ("preprocessing", "postprocessing", "inferer", "imports", "as_bool"):
-        config[key] = "%" + str(bundles / "base" / "configs" / "inference.yaml") + "#" + key
-    parser = ConfigParser(config)
-    parser.update({"output_dir": str(tmp_path / "unused"), "patch_size": PATCH, "strides": STRIDES})
+    parser = load_bundle(LA_BUNDLE, "inference", output_dir=str(tmp_path / "unused"), patch_size=PATCH, strides=STRIDES)
     pre, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
     post = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)]
     net = torch.nn.Conv3d(1, 2, 1)

@@ -17,7 +17,7 @@ from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms, val_transforms
 from diffcl_algo.losses import DiceCELoss
 from diffcl_algo.networks import VNet
-from diffcl_algo.training import build_trainer, close_trainer
+from diffcl_algo.training import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 LA = REPO / "bundles" / "la" / "configs"
@@ -66,14 +66,14 @@ def data_dir(tmp_path_factory):
 
 def test_supervised_row_trains_one_vnet_with_the_field_options(data_dir, tmp_path):
     trainer = build_trainer(
-        data_dir, max_iterations=2, output_dir=str(tmp_path), use_cps=False, use_hfm=False, use_cl=False,
+        dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path), use_cps=False, use_hfm=False, use_cl=False,
         sup_loss="field", residual=False, dropout=0.5, normalize_intensity=True, **dict(SMALL_TRAIN, val_interval=0)
     )
     net = trainer.cs_network
     assert not net.block_two.residual and net.dropout.p == 0.5
     ds_before = [p.detach().clone() for p in trainer.ds_network.parameters()]
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     out = trainer.state.output
     assert out["loss_sup_ds"] == 0.0 and 0 < out["loss_sup_cs"] < 1.5
     assert all(torch.equal(a, b) for a, b in zip(ds_before, trainer.ds_network.parameters()))
@@ -81,7 +81,7 @@ def test_supervised_row_trains_one_vnet_with_the_field_options(data_dir, tmp_pat
 
 def test_unknown_supervised_loss_form_is_refused(data_dir, tmp_path):
     with pytest.raises(ValueError, match="sup_loss must be one of"):
-        build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path), sup_loss="fild",
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), sup_loss="fild",
                       **dict(SMALL_TRAIN, val_interval=0))
 
 
@@ -96,16 +96,11 @@ def test_report_split_is_never_trained_or_selected_on(tmp_path):
     root = make_synthetic_dataset(tmp_path / "la", num_cases=30, shape=(20, 20, 16), seed=2, num_test=1)
     os.remove(root / "test.list")  # as in the CPU protocol's copy of LA: the split comes from train.list alone
     names = (root / "train.list").read_text().split()
-    cwd = os.getcwd()
-    os.chdir(REPO)  # the LA configs' macros resolve from the repository root
-    try:
-        train = _parser([LA / "train.yaml", LA / "cpu.yaml"], dataset_dir=str(root), num_labeled=4, check_data=False)
-        labeled, unlabeled = train.get_parsed_content("data#labeled"), train.get_parsed_content("data#unlabeled")
-        validation = train.get_parsed_content("data#validation")
-        evaluate = _parser([LA / "evaluate.yaml", LA / "cpu.yaml"], dataset_dir=str(root), check_data=False)
-        report = evaluate.get_parsed_content("data#cases")
-    finally:
-        os.chdir(cwd)
+    train = _parser([LA / "train.yaml", LA / "cpu.yaml"], dataset_dir=str(root), num_labeled=4, check_data=False)
+    labeled, unlabeled = train.get_parsed_content("data#labeled"), train.get_parsed_content("data#unlabeled")
+    validation = train.get_parsed_content("data#validation")
+    evaluate = _parser([LA / "evaluate.yaml", LA / "cpu.yaml"], dataset_dir=str(root), check_data=False)
+    report = evaluate.get_parsed_content("data#cases")
 
     def case(d):
         return Path(d["image"]).parent.name
@@ -126,15 +121,17 @@ def test_plain_and_residual_stages_load_each_other(residual):
     assert not np.allclose(a(x).detach().numpy(), b(x).detach().numpy())
 
 
-def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_path):
-    def run(monitor: bool):
-        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(monitor)), use_hfm=False,
-                                monitor_pseudo_labels=monitor, **dict(SMALL_TRAIN, val_interval=0))
-        trainer.run()
-        close_trainer(trainer)
-        return trainer
+def _two_iterations(data_dir, output_dir, **options):
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(output_dir), use_hfm=False,
+                            **dict(SMALL_TRAIN, val_interval=0), **options)
+    trainer.run()
+    trainer.close()
+    return trainer
 
-    watched, plain = run(True), run(False)
+
+def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_path):
+    watched = _two_iterations(data_dir, tmp_path / "watched", monitor_pseudo_labels=True)
+    plain = _two_iterations(data_dir, tmp_path / "plain", monitor_pseudo_labels=False)
     out = watched.state.output
     assert 0.0 <= out["pseudo_dice_cs"] <= 1.0 and 0.0 <= out["pseudo_dice_ds"] <= 1.0
     assert "pseudo_dice_cs" not in plain.state.output
@@ -144,14 +141,8 @@ def test_pseudo_label_monitoring_is_logged_and_never_trained_on(data_dir, tmp_pa
 
 
 def test_channels_last_training_is_the_same_math(data_dir, tmp_path):
-    def run(channels_last: bool):
-        trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path / str(channels_last)),
-                                use_hfm=False, channels_last=channels_last, **dict(SMALL_TRAIN, val_interval=0))
-        trainer.run()
-        close_trainer(trainer)
-        return trainer
-
-    last, plain = run(True), run(False)
+    last = _two_iterations(data_dir, tmp_path / "last", channels_last=True)
+    plain = _two_iterations(data_dir, tmp_path / "plain", channels_last=False)
     conv = last.cs_network.block_two.conv[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
     for key in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds"):
@@ -169,12 +160,12 @@ def test_ds_pseudo_labels_sampled_from_noise(data_dir, tmp_path, monkeypatch):
         return original(self, model, x, num_classes, steps=steps, eta=eta, generator=generator)
 
     monkeypatch.setattr(GaussianDiffusion, "ddim_sample", counting)
-    trainer = build_trainer(data_dir, max_iterations=2, output_dir=str(tmp_path), use_hfm=False, ds_pseudo_steps=2,
-                            monitor_pseudo_labels=True, **dict(SMALL_TRAIN, val_interval=0))
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path), use_hfm=False,
+                            ds_pseudo_steps=2, monitor_pseudo_labels=True, **dict(SMALL_TRAIN, val_interval=0))
     trainer.run()
-    close_trainer(trainer)
+    trainer.close()
     assert calls == [(2, 2, False), (2, 2, False)]  # the 2 unlabeled images, every iteration, without gradient
     assert 0.0 <= trainer.state.output["pseudo_dice_ds"] <= 1.0 and trainer.state.output["loss_cps_cs"] > 0
     with pytest.raises(ValueError, match="ds_pseudo_steps must be >= 0"):
-        build_trainer(data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), ds_pseudo_steps=-1,
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), ds_pseudo_steps=-1,
                       **dict(SMALL_TRAIN, val_interval=0))

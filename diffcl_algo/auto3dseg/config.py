@@ -49,7 +49,7 @@ TEMPLATE_KEYS = (
     "infer",
     "validate",
 )
-"""Keys of ``hyper_parameters.yaml`` that are not ``diffcl_algo.training.build_trainer`` arguments."""
+"""Keys of ``hyper_parameters.yaml`` that are not ids of the training graph (``build_trainer`` overrides)."""
 
 PATCH_FACTOR = 16
 """The V-Net halves the patch 4 times (``diffcl_algo.training.check_settings``)."""

@@ -4,7 +4,8 @@
   whose ``fold`` is the algo's fold; training = every other labeled entry (labeled loader) and every entry without
   ``label``, whatever its fold (unlabeled loader).
 * :func:`train` (``scripts/train.py run``): writes that split as ``<ckpt_path>/datalist.json`` and runs
-  ``diffcl_algo.training.train`` (the graph of ``bundles/base/configs/train.yaml``) with the config's values, then
+  ``diffcl_algo.training.train`` (the package's graph ``diffcl_algo/configs/train.yaml``, the one every bundle is
+  written from) with the config's values as overrides, then
   writes ``<ckpt_path>/progress.yaml``, whose last entry's ``best_avg_dice_score`` (the best validation mean Dice
   of the run, as ``model.pt``) is what ``BundleAlgo.get_score`` reads.
 * :func:`validate` (``scripts/validate.py run``): ``model.pt`` on the fold's validation cases
@@ -22,7 +23,6 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 import yaml
-from monai.bundle import ConfigParser
 from monai.config import PathLike
 from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import Compose
@@ -33,7 +33,7 @@ from diffcl_algo.data import DataError, decathlon_datalists, val_transforms
 from diffcl_algo.data.writers import write_text
 from diffcl_algo.evaluation import CaseNamed, eval_postprocessing, evaluate
 from diffcl_algo.inference import predict_volume
-from diffcl_algo.training import find_bundles
+from diffcl_algo.training import load_bundle
 from diffcl_algo.training import train as run_training
 
 __all__ = [
@@ -51,7 +51,7 @@ PROGRESS_FILE = "progress.yaml"
 """Written in ``ckpt_path``; ``BundleAlgo.get_score`` returns its last entry's ``best_avg_dice_score``."""
 
 TRAINING_RECORD = "training_arguments.yaml"
-"""Written in ``ckpt_path``: the ``build_trainer`` arguments of the run (config and ``train_params`` overrides)."""
+"""Written in ``ckpt_path``: the graph overrides of the run (config and ``train_params`` overrides)."""
 
 NETWORK_KEYS = (
     "in_channels",
@@ -61,10 +61,10 @@ NETWORK_KEYS = (
     "use_hfm",
     "hfm_stages",
     "hf",
-    "dataset",
+    "dataset_name",
     "num_labeled",
 )
-"""Config values that define the CS network (``network_def`` of ``bundles/base/configs/inference.yaml``)."""
+"""Config values that define the CS network (``network_def`` of the package's graph)."""
 
 RECORDED_KEYS = (*NETWORK_KEYS, "patch_size", "strides")
 """What validation and inference take from the training record unless overridden."""
@@ -94,7 +94,7 @@ def fold_split(datalist: PathLike, dataroot: Optional[PathLike], fold: int) -> t
 
 
 def training_arguments(config: Mapping[str, Any], training: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``diffcl_algo.training.build_trainer`` keyword arguments: the config without its template keys.
+    """The graph overrides of ``diffcl_algo.training.build_trainer``: the config without its template keys.
 
     ``num_labeled`` None becomes the number of labeled training cases; ``val_interval`` is clipped to
     ``max_iterations`` so that every run ends with a validated score.
@@ -141,7 +141,7 @@ def train(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
     write_text(datalist, json.dumps({"training": training, "validation": validation}, indent=1))
     record = {**kwargs, "in_channels": int(config["in_channels"]), "fold": int(config["fold"])}
     write_text(out / TRAINING_RECORD, yaml.safe_dump(record, sort_keys=False))
-    summary = run_training(dataset_dir=None, datalist=str(datalist), output_dir=str(out), **kwargs)
+    summary = run_training(None, dataset_dir=None, datalist=str(datalist), output_dir=str(out), **kwargs)
     if summary["best_metric"] is None:
         raise RuntimeError(f"Training of {out} ran no validation: no score.")
     if _is_main():
@@ -157,12 +157,9 @@ def train(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
 
 
 def cs_network(config: Mapping[str, Any]) -> nn.Module:
-    """The CS network of the config: ``network_def`` of ``bundles/base/configs/inference.yaml`` with its values."""
-    parser = ConfigParser()
-    parser.read_config(str(find_bundles() / "base" / "configs" / "inference.yaml"))
-    names = {"dataset": "dataset_name"}
-    parser.update({names.get(k, k): config[k] for k in NETWORK_KEYS if k in config})
-    return parser.get_parsed_content("network_def")
+    """The CS network of the config: ``network_def`` of the package's graph with the config's network values."""
+    graph = load_bundle(None, "inference", **{k: config[k] for k in NETWORK_KEYS if k in config})
+    return graph.get_parsed_content("network_def")
 
 
 def _device(name: str) -> torch.device:

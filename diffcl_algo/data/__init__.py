@@ -1,4 +1,5 @@
-"""Data: the field's h5 layouts as MONAI transforms/datalists, validation, transforms, preparation, synthetic data."""
+"""Data: the field's h5 layouts as MONAI transforms/datalists, validation, transforms, preparation, synthetic data,
+and the training data flow (:mod:`diffcl_algo.data.iteration`: one batch per iteration, exactly resumable)."""
 
 from __future__ import annotations
 

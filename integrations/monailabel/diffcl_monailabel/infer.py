@@ -1,11 +1,10 @@
 """MONAI Label inference task of a diffcl_algo bundle: MONAI Label's own ``BundleInferTask``, made strict.
 
 The task reads the bundle's ``configs/inference.yaml`` and ``configs/metadata.json`` as MONAI Label does for any
-bundle (``preprocessing``, ``network_def``, ``inferer`` and ``postprocessing`` of the config: the CS network and the
-paper's sliding window, :class:`~diffcl_algo.inference.DiffCLSlidingWindowInferer`), with four changes:
+bundle (``preprocessing``, ``network_def``, ``inferer`` and ``postprocessing`` of the config: the CS network and
+the paper's sliding window, :class:`~diffcl_algo.inference.DiffCLSlidingWindowInferer`); the
+bundle's configs are self-contained, so they load from any directory. Three changes:
 
-* the config's file macros are made absolute (:func:`~.bundle_config.absolutize_macros`), so the repository's
-  bundles, which name ``bundles/base/configs/...`` relative to the repository root, load from any directory;
 * the checkpoint can live outside ``<bundle>/models`` (``ckpt``) and must match the network exactly
   (``load_strict=True``; MONAI Label's default loads whatever keys match and goes on);
 * a bundle without a checkpoint or an inference config is an error, not a warning and a missing model;
@@ -17,10 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Sequence, Union
 
-from monai.bundle import ConfigParser
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
-
-from .bundle_config import absolutize_macros
 
 __all__ = ["DiffCLBundleInferTask"]
 
@@ -67,10 +63,3 @@ class DiffCLBundleInferTask(BundleInferTask):
             raise RuntimeError(f"MONAI Label did not accept the bundle {bundle} (see its log)")
         self._config.pop("model_filename", None)  # no request-chosen checkpoint files
         self.ckpt = model
-
-    def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
-        parser = ConfigParser()
-        parser.read_config(config)
-        parser.set(absolutize_macros(parser.get(), path))
-        parser.config.update({self.const.key_bundle_root(): path})
-        return parser

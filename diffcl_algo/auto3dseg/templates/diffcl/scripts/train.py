@@ -1,6 +1,6 @@
 """Train one fold: ``python scripts/train.py run --config_file configs/hyper_parameters.yaml [--key value ...]``.
 
-Runs ``diffcl_algo.auto3dseg.train`` (the graph of ``bundles/base/configs/train.yaml``).
+Runs ``diffcl_algo.auto3dseg.train`` (the package's graph ``diffcl_algo/configs/train.yaml``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""The bundles' configs: written from the package's graph and each dataset's few values, and nothing else.
+
+Regenerating leaves no diff; each dataset's resolved configs differ from the graph's exactly by the values of
+``diffcl_algo/configs/datasets/<dataset>.yaml``; evaluate / inference / multi-GPU are overrides of the one training
+graph (one ``network_def``, ``check_settings`` in every workflow); bundle overrides are checked against the ids.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+from diffcl_algo.bundles import CONFIG_DIR, DATASETS, WORKFLOWS, compose, dataset_values, write_bundles
+from diffcl_algo.training import build_trainer, load_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_regenerating_the_bundles_leaves_no_diff():
+    written = write_bundles(REPO / "bundles", check=True)
+    assert len(written) == len(DATASETS) * (len(WORKFLOWS) + 2)
+
+
+def test_check_names_a_stale_file(tmp_path):
+    for dataset in DATASETS:
+        (tmp_path / dataset / "configs").mkdir(parents=True)
+    write_bundles(tmp_path)
+    stale = tmp_path / "brats" / "configs" / "evaluate.yaml"
+    stale.write_text(stale.read_text().replace("num_labeled: 25", "num_labeled: 50"))
+    with pytest.raises(ValueError, match=rf"(?s)stale: {re.escape(str(stale))};.*-num_labeled: 50"):
+        write_bundles(tmp_path, check=True)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("workflow", WORKFLOWS)
+def test_a_dataset_differs_from_the_graph_by_its_values_only(dataset, workflow):
+    bundle = ConfigParser.load_config_file(str(REPO / "bundles" / dataset / "configs" / f"{workflow}.yaml"))
+    graph = compose(workflow)
+    values = dataset_values(dataset)
+    differences = {k: v for k, v in bundle.items() if graph.get(k, KeyError) != v}
+    assert set(bundle) == set(graph)
+    assert differences == {k: v for k, v in values.items() if k in graph}
+    assert all(graph[k] != v for k, v in values.items() if k in graph)  # every stated value is a real difference
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_each_value_is_stated_once_per_dataset(dataset):
+    text = (CONFIG_DIR / "datasets" / f"{dataset}.yaml").read_text()
+    keys = re.findall(r"^(\w+):", text, flags=re.MULTILINE)
+    assert len(keys) == len(set(keys)) and set(keys) == set(dataset_values(dataset))
+    assert set(keys) <= set().union(*(compose(w) for w in WORKFLOWS))
+
+
+def test_one_graph_one_network_and_the_settings_check_in_every_workflow():
+    defining = [f for f in sorted(CONFIG_DIR.glob("*.yaml")) if "network_def" in ConfigParser.load_config_file(str(f))]
+    assert defining == [CONFIG_DIR / "train.yaml"]
+    ddp = ConfigParser.load_config_files([str(CONFIG_DIR / "train.yaml"), str(CONFIG_DIR / "multi_gpu_train.yaml")])
+    for config in [compose(w, "la") for w in WORKFLOWS] + [ddp]:
+        assert config["initialize"][0] == "$check_settings(@patch_size, @val_interval)"
+    assert "init_process_group" in ddp["initialize"][2] and "destroy_process_group" in ddp["finalize"][-1]
+    for dataset in DATASETS:
+        for file in (REPO / "bundles" / dataset / "configs").glob("*.yaml"):
+            text = file.read_text()
+            assert not re.search(r"['\"]%[^#'\"]", text), f"{file}: a macro naming another file"
+            assert "bundle_root: .\n" in text or file.name in ("multi_gpu_train.yaml", "cpu.yaml")
+
+
+def test_overrides_are_checked_against_the_bundle_ids(tmp_path):
+    message = r"--n_filter: the train config of bundle 'la' has no id 'n_filter'; did you mean --n_filters\?"
+    with pytest.raises(ValueError, match=message):
+        build_trainer("la", dataset_dir=str(tmp_path), n_filter=4)
+    with pytest.raises(ValueError, match=r"has no id 'validate#evaluater'; did you mean --validate#evaluator\?"):
+        load_bundle(None, "evaluate", **{"validate#evaluater#amp": True})
+    with pytest.raises(FileNotFoundError, match="inference.yaml"):
+        load_bundle(tmp_path, "inference")
+    parser = load_bundle(REPO / "bundles" / "brats", "inference", n_filters=4, device="auto")
+    assert parser["n_filters"] == 4 and parser["patch_size"] == [96, 96, 96]
+    assert load_bundle("pancreas", "train")["strides"] == [16, 16, 16]
