@@ -142,7 +142,6 @@ class CaseProgress(_Bar):
                 logger.info(f"{self.desc} case {self.done}/{total} ({text}) after {elapsed:.1f} s")
 
 
-
 class ValidationLog:
     """One INFO line per validation round, in the trainer's units, e.g. ``validation at iteration 256
     (epoch 8.00): val_mean_dice: 0.8123, ...; best val_mean_dice 0.8123 at iteration 256``.

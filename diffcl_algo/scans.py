@@ -50,6 +50,7 @@ from diffcl_algo.inference import DiffCLSlidingWindowInferer
 
 __all__ = ["check_roi", "scan_preprocessing", "scan_postprocessing", "predict_scan"]
 
+
 def check_roi(roi: Sequence[int] | None) -> tuple[list[int], list[int]] | None:
     """``(start, end)`` voxel indices of a region of interest ``[x0, y0, z0, x1, y1, z1]`` (end exclusive).
 

@@ -64,6 +64,7 @@ def test_top_level_help_runs_as_module():
         ("prepare", ["dataset", "--src", "--dst", "Other --<name> <value> options are passed on"]),
         ("report", ["--run_dir", "--eval_dir", "--smoothing"]),
         ("package", ["--bundle", "--ckpt_path", "--output"]),
+        ("bundles", ["--bundles_dir", "--check", "write nothing; raise if a file differs"]),
         ("run", ["run_id", "--config_file", "--num_threads", "Give --config_file with --help"]),
     ],
 )
