@@ -68,20 +68,27 @@ class GaussianDiffusion:
         return abar.view((-1,) + (1,) * (like.ndim - 1))
 
     def sample_timesteps(
-        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        low: int = 1,
     ) -> torch.Tensor:
-        """Draw training timesteps ``t ~ Uniform{1..T}``.
+        """Draw training timesteps ``t ~ Uniform{low..T}`` (the paper: ``low = 1``).
 
         Args:
             batch: number of timesteps ``B``.
             device: device of the result.
             generator: optional random generator (its device is used for drawing).
+            low: smallest timestep drawn, in 1..T.
 
         Returns:
-            (B,) int64 in 1..T.
+            (B,) int64 in low..T.
         """
+        if not 1 <= low <= self.timesteps:
+            raise ValueError(f"low must be in 1..{self.timesteps}, got {low}")
         draw_device = generator.device if generator is not None else device
-        t = torch.randint(1, self.timesteps + 1, (batch,), generator=generator, device=draw_device)
+        t = torch.randint(low, self.timesteps + 1, (batch,), generator=generator, device=draw_device)
         return t.to(device) if device is not None else t
 
     def q_sample(self, y0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

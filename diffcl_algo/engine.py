@@ -154,6 +154,12 @@ class DiffCLTrainer(Trainer):
         ds_pseudo_steps: 0 (default): the DS pseudo-labels of eq. 7 are the argmax of this iteration's DS output,
             whose input is the noised CS pseudo-label; ``k >= 1``: they come from ``k`` DDIM steps started from pure
             noise (``GaussianDiffusion.ddim_sample``, no gradient), as the DS would segment at inference.
+        unlabeled_t_min: 0 (the paper): the DS forward of the unlabeled images draws ``t ~ U{1..T}`` like the labeled
+            ones; ``f`` in (0, 1]: it draws ``t ~ U{ceil(f T)..T}``, so ``Y_t`` keeps little of the CS pseudo-label and
+            the DS must segment the image itself (``f = 1``: ``t = T``, pure noise); its output is then a pseudo-label
+            of its own for the CS, at no extra cost (docs/training.md measures it).
+        cps_confidence: 0 (the paper): every voxel of the cross pseudo-supervision counts; ``c`` in (0, 1): only the
+            voxels whose pseudo-label has probability ``>= c`` under the network that made it (eq. 6-7 on a mask).
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
         seed: base seed of every random choice.
@@ -206,6 +212,8 @@ class DiffCLTrainer(Trainer):
         dice_batch: bool = True,
         sup_loss: str = "paper",
         ds_pseudo_steps: int = 0,
+        unlabeled_t_min: float = 0.0,
+        cps_confidence: float = 0.0,
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
         amp: bool = False,
@@ -271,6 +279,12 @@ class DiffCLTrainer(Trainer):
         if int(ds_pseudo_steps) < 0:
             raise ValueError(f"ds_pseudo_steps must be >= 0, got {ds_pseudo_steps}.")
         self.ds_pseudo_steps = int(ds_pseudo_steps)
+        if not 0.0 <= float(unlabeled_t_min) <= 1.0:
+            raise ValueError(f"unlabeled_t_min must be in [0, 1] (a fraction of T), got {unlabeled_t_min}.")
+        if not 0.0 <= float(cps_confidence) < 1.0:
+            raise ValueError(f"cps_confidence must be in [0, 1), got {cps_confidence}.")
+        self.cps_confidence = float(cps_confidence)
+        self.unlabeled_t_low = max(1, math.ceil(float(unlabeled_t_min) * self.diffusion.timesteps))
         self.poly_lr_power = poly_lr_power
         self.seed = int(seed)
         for opt in (cs_optimizer, ds_optimizer):
@@ -427,6 +441,9 @@ class DiffCLTrainer(Trainer):
                     pseudo_cs = class_argmax(cs_logits[nl : x_ds.shape[0]])  # Y^u, line 5
                     y0 = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
                     t = self.diffusion.sample_timesteps(x_ds.shape[0], device, generator=gen)
+                    if self.unlabeled_t_low > 1 and x_ds.shape[0] > nl:
+                        low = self.unlabeled_t_low
+                        t[nl:] = self.diffusion.sample_timesteps(x_ds.shape[0] - nl, device, generator=gen, low=low)
                     noise = torch.randn(y0.shape, generator=gen, device=device)
                     y_t = self.diffusion.q_sample(y0, t, noise)  # eq. 5, line 6
                 ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True)  # line 7
@@ -437,9 +454,11 @@ class DiffCLTrainer(Trainer):
         loss_sup_ds = self._supervised(ds_logits[:nl], y, beta1) if use_ds else zero  # eq. 18 (line 9)
         loss_cps_cs = loss_cps_ds = zero
         if self.use_cps:
-            pseudo_ds = self._ds_pseudo_labels(x[nl:], ds_logits[nl:], gen)  # Y~u
-            loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2)  # eq. 7 (line 10)
-            loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1)  # eq. 6 (line 11)
+            probs_ds = self._ds_pseudo_probs(x[nl:], ds_logits[nl:], gen)
+            pseudo_ds = class_argmax(probs_ds)  # Y~u
+            mask_cs, mask_ds = self._confident(probs_ds), self._confident(cs_logits[nl:].detach().softmax(1))
+            loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2, mask=mask_cs)  # eq. 7 (line 10)
+            loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1, mask=mask_ds)  # eq. 6 (line 11)
         loss_cl = zero
         if self.use_cl:
             loss_cl = self._contrastive(ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen)  # eq. 15 (line 12)
@@ -474,20 +493,26 @@ class DiffCLTrainer(Trainer):
             out["pseudo_dice_ds"] = _foreground_dice(pseudo_ds, hidden)
         return out
 
-    def _ds_pseudo_labels(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """``Y~u`` (b_u, 1, *S): from this step's DS output, or (``ds_pseudo_steps > 0``) from DDIM sampling.
+    def _ds_pseudo_probs(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Class probabilities (b_u, C, *S) behind ``Y~u``: this step's DS output, or (``ds_pseudo_steps > 0``) DDIM.
 
         The training forward's DS input holds ``Y_t``, the noised CS pseudo-label, so at small ``t`` its prediction
         mostly returns the CS's own pseudo-label to the CS. Sampling from pure noise (eq. 2-3) gives a DS
         pseudo-label that depends on the image alone, as at the DS's inference; no gradient.
         """
         if self.ds_pseudo_steps == 0:
-            return class_argmax(ds_logits_u.detach())
+            return ds_logits_u.detach().float().softmax(1)
         with torch.no_grad(), self._autocast():
             probs = self.diffusion.ddim_sample(
                 self.ds_network, x_u, self.num_classes, steps=self.ds_pseudo_steps, generator=gen
             )
-        return class_argmax(probs)
+        return probs.float()
+
+    def _confident(self, probs: torch.Tensor) -> Optional[torch.Tensor]:
+        """(b_u, 1, *S) mask of the pseudo-labels whose class probability reaches ``cps_confidence`` (None: all)."""
+        if self.cps_confidence <= 0:
+            return None
+        return probs.amax(dim=1, keepdim=True) >= self.cps_confidence
 
     def _supervised(self, logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
         """Supervised loss of one network on the labeled images: eq. 18 / 19 (``"paper"``) or the field's form."""

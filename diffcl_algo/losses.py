@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DiceLoss, MaskedDiceLoss
+from monai.networks.utils import one_hot
 from torch import nn
 
 __all__ = ["DiceCELoss", "ContrastiveLabelPropagationLoss"]
@@ -45,18 +46,25 @@ class DiceCELoss(nn.Module):
         smooth_dr: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.dice = DiceLoss(
+        options = dict(
             include_background=include_background,
-            to_onehot_y=True,
             softmax=True,
             squared_pred=squared_pred,
             batch=batch,
             smooth_nr=smooth_nr,
             smooth_dr=smooth_dr,
         )
+        self.dice = DiceLoss(to_onehot_y=True, **options)
+        # the target is one-hot encoded before masking, so masked voxels count in no class
+        self.masked_dice = MaskedDiceLoss(to_onehot_y=False, **options)
 
     def forward(
-        self, logits: torch.Tensor, target: torch.Tensor, ce_weight: float, dice_weight: float = 1.0
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        ce_weight: float,
+        dice_weight: float = 1.0,
+        mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Compute the pair.
 
@@ -65,6 +73,8 @@ class DiceCELoss(nn.Module):
             target: (B, 1, *S) or (B, *S) integer class map (ground truth or a detached argmax pseudo-label).
             ce_weight: weight of the cross-entropy term (``beta`` or ``lambda``).
             dice_weight: weight of the Dice term.
+            mask: optional (B, 1, *S) 0/1 map of the voxels that count (e.g. confident pseudo-labels); both terms
+                then use only those voxels (``monai.losses.MaskedDiceLoss``, CE averaged over the mask).
 
         Returns:
             0-d tensor ``dice_weight * D + ce_weight * E``; both terms averaged over voxels/classes.
@@ -73,11 +83,15 @@ class DiceCELoss(nn.Module):
             target = target.unsqueeze(1)
         target = target.long()
         logits = logits.float()
-        dice = self.dice(logits, target) * dice_weight
-        if ce_weight == 0:
-            return dice
-        ce = F.cross_entropy(logits, target[:, 0])
-        return dice + ce_weight * ce
+        if mask is None:
+            dice = self.dice(logits, target) * dice_weight
+            ce = F.cross_entropy(logits, target[:, 0]) if ce_weight else 0.0
+        else:
+            mask = mask.float()
+            dice = self.masked_dice(logits, one_hot(target, logits.shape[1]), mask) * dice_weight
+            ce_map = F.cross_entropy(logits, target[:, 0], reduction="none") if ce_weight else None
+            ce = 0.0 if ce_map is None else (ce_map * mask[:, 0]).sum() / mask.sum().clamp_min(1.0)
+        return dice if not ce_weight else dice + ce_weight * ce
 
 
 class ContrastiveLabelPropagationLoss(nn.Module):

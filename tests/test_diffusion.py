@@ -55,6 +55,9 @@ def test_sample_timesteps() -> None:
     assert set(t.tolist()) == {1, 2, 3, 4, 5}
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(diff.sample_timesteps(16, "cpu", g1), diff.sample_timesteps(16, "cpu", g2))
+    assert set(diff.sample_timesteps(500, low=4).tolist()) == {4, 5}
+    with pytest.raises(ValueError, match="low must be in"):
+        diff.sample_timesteps(1, low=6)
 
 
 def test_q_sample_formula_and_broadcasting() -> None:

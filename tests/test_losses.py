@@ -41,6 +41,22 @@ def test_dice_ce_weight_changes_per_call_and_has_grad():
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
+def test_dice_ce_on_a_mask_counts_only_the_masked_voxels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6, 4)
+    target = torch.randint(0, 2, (2, 1, 6, 6, 4))
+    loss = DiceCELoss()
+    assert loss(logits, target, 1.0, mask=torch.ones(2, 1, 6, 6, 4)).item() == pytest.approx(
+        loss(logits, target, 1.0).item(), rel=1e-5)
+    mask = torch.zeros(2, 1, 6, 6, 4)
+    mask[..., :2] = 1  # the same as the loss of the first two slices alone
+    inside = loss(logits[..., :2].contiguous(), target[..., :2].contiguous(), 1.0)
+    assert loss(logits, target, 1.0, mask=mask).item() == pytest.approx(inside.item(), rel=1e-5)
+    changed = logits.clone()
+    changed[..., 2:] = 100.0  # voxels outside the mask do not matter
+    assert loss(changed, target, 1.0, mask=mask).item() == pytest.approx(inside.item(), rel=1e-5)
+
+
 def _reference_cl(anchors, b, tau, k):
     """Direct transcription of eq. 11-15 with Python loops (mean over terms)."""
     terms = []

@@ -169,3 +169,51 @@ def test_ds_pseudo_labels_sampled_from_noise(data_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ds_pseudo_steps must be >= 0"):
         build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), ds_pseudo_steps=-1,
                       **dict(SMALL_TRAIN, val_interval=0))
+
+
+def test_unlabeled_timesteps_drawn_from_the_upper_range(data_dir, tmp_path, monkeypatch):
+    from diffcl_algo.diffusion import GaussianDiffusion
+
+    drawn = []
+    original = GaussianDiffusion.q_sample
+
+    def recording(self, y0, t, noise=None):
+        drawn.append(t.clone())
+        return original(self, y0, t, noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", recording)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=3, output_dir=str(tmp_path), use_hfm=False,
+                            unlabeled_t_min=0.9, **dict(SMALL_TRAIN, val_interval=0))
+    trainer.run()
+    trainer.close()
+    assert len(drawn) == 3
+    for t in drawn:  # 2 labeled then 2 unlabeled images per iteration
+        assert bool((t[2:] >= 900).all()) and bool((t >= 1).all()) and bool((t <= 1000).all())
+    assert any(bool((t[:2] < 900).any()) for t in drawn)  # the labeled images keep the paper's U{1..T}
+    with pytest.raises(ValueError, match="unlabeled_t_min must be in"):
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), unlabeled_t_min=1.5,
+                      **dict(SMALL_TRAIN, val_interval=0))
+
+
+def test_cross_pseudo_supervision_on_confident_voxels(data_dir, tmp_path, monkeypatch):
+    from diffcl_algo.losses import DiceCELoss as Loss
+
+    masks = []
+    original = Loss.forward
+
+    def recording(self, logits, target, ce_weight, dice_weight=1.0, mask=None):
+        masks.append(mask)
+        return original(self, logits, target, ce_weight, dice_weight, mask)
+
+    monkeypatch.setattr(Loss, "forward", recording)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), use_hfm=False,
+                            cps_confidence=0.6, use_cl=False, **dict(SMALL_TRAIN, val_interval=0))
+    trainer.run()
+    trainer.close()
+    sup_cs, sup_ds, cps_cs, cps_ds = masks  # eq. 19, 18, 7, 6 in the engine's order
+    assert sup_cs is None and sup_ds is None
+    for mask in (cps_cs, cps_ds):
+        assert mask.dtype == torch.bool and mask.shape[:2] == (2, 1) and 0 < int(mask.sum()) < mask.numel()
+    with pytest.raises(ValueError, match="cps_confidence must be in"):
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), cps_confidence=1.0,
+                      **dict(SMALL_TRAIN, val_interval=0))
