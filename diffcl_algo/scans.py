@@ -26,7 +26,7 @@ from Python.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Hashable, Mapping, Sequence, Union
 
 import torch
 from monai.config import KeysCollection, PathLike
@@ -49,6 +49,21 @@ from diffcl_algo.evaluation import CaseNamed, save_prediction
 from diffcl_algo.inference import DiffCLSlidingWindowInferer
 
 __all__ = ["check_roi", "scan_preprocessing", "scan_postprocessing", "predict_scan"]
+
+
+class _Spacingd(Spacingd):
+    """``Spacingd`` that leaves other entries of the dict alone.
+
+    For a NIfTI input, MONAI's ``Spacingd`` copies the image's metadata into every ``<key>_*`` entry, which fails on
+    a plain value such as the ``image_path`` string MONAI Label puts beside ``image``; such entries are set aside
+    while it runs.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        aside = {k: d.pop(k) for k in list(d) if str(k).startswith(prefixes) and not isinstance(d[k], dict)}
+        return {**super().__call__(d, lazy=lazy), **aside}
 
 
 def check_roi(roi: Sequence[int] | None) -> tuple[list[int], list[int]] | None:
@@ -101,7 +116,7 @@ def scan_preprocessing(
     if orientation:
         steps.append(Orientationd(keys, axcodes=str(orientation), labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if model_spacing is not None:
-        steps.append(Spacingd(keys, pixdim=model_spacing, mode="bilinear"))
+        steps.append(_Spacingd(keys, pixdim=model_spacing, mode="bilinear"))
     if normalize or scan_norm in ZSCORE_AFTER_CROP:
         steps.append(NormalizeIntensityd(keys))
     steps += [EnsureTyped(keys, dtype=torch.float32), CaseNamed(keys)]

@@ -344,17 +344,23 @@ def test_infer_datastore_image_and_upload(served):
 @pytest.mark.monailabel
 def test_raw_flipped_upload_comes_back_on_its_grid(served):
     """A raw-intensity copy (int16, x180 + 400) stored with its first axis flipped: the bundle's preprocessing
-    normalises and reorients it, Invertd puts the mask back on the upload's grid (the reference mask, flipped)."""
+    normalises and reorients it, Invertd puts the mask back on the upload's grid. The reference is the network on
+    the z-scored int16 values (rounding to integers moves a few voxels of the float image's mask), flipped."""
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     flip[0, 3] = SHAPE[0] - 1
-    raw = np.round(served["image"][::-1] * 180 + 400).astype(np.int16)
+    stored = np.round(served["image"] * 180 + 400).astype(np.int16)
+    net = _la_network().eval()
+    net.load_state_dict(torch.load(served["work"] / "model.pt"))
+    zscored = ((stored - stored.mean()) / stored.std()).astype(np.float32)
+    probs = predict_volume(net, zscored[None], patch_size=(112, 112, 80), strides=(18, 18, 4))[0]
+    raw = np.ascontiguousarray(stored[::-1])
     path = served["work"] / "raw_flipped.nii.gz"
     nib.save(nib.Nifti1Image(raw, np.diag([0.625, 0.625, 0.625, 1.0]) @ flip), path)
     upload, content_type = _multipart({"file": ("raw_flipped.nii.gz", path.read_bytes())})
     status, _, body = _request(served["port"], "POST", f"/infer/{MODEL}?output=image", upload,
                                {"Content-Type": content_type})
     assert status == 200, body[:500]
-    _check_label(np.ascontiguousarray(_label(body)[::-1]), served["probs"])
+    _check_label(np.ascontiguousarray(_label(body)[::-1]), probs)
 
 
 @pytest.mark.monailabel

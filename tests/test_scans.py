@@ -100,6 +100,13 @@ def test_copies_reach_the_network_as_the_same_input(scans, nrrd_scan):
     assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.9
 
 
+def test_entries_beside_the_image_pass_through(scans):
+    """MONAI Label puts the file's path beside the image (``image_path``): resampling a NIfTI keeps it as it is."""
+    path = str(scans["spacing"])
+    out = _la_preprocessing()({"image": path, "image_path": path})
+    assert out["image_path"] == path and out["image"].shape[0] == 1
+
+
 def test_raw_scan_normalisation_and_h5_passthrough(tmp_path):
     root = make_synthetic_dataset(tmp_path / "la", num_cases=2, shape=(24, 24, 16), num_test=1)
     h5 = next(root.rglob("*.h5"))
