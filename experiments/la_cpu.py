@@ -8,6 +8,7 @@ workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mea
     python experiments/la_cpu.py run sup --num_labeled 8 --seed 0 --set "sup_loss=field dropout=0.5"
     python experiments/la_cpu.py table --rows "reference sup"
     python experiments/la_cpu.py cases --rows "reference sup" --num_labeled 8 --seed 0
+    python experiments/la_cpu.py monitor --rows "full cps" --num_labeled 8 --seed 0
 
 Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``) and the Table 6 rows
 ``sup``, ``cps``, ``cps_hfm``, ``full`` of the bundle; ``--set`` adds bundle overrides (``id=value`` pairs) and
@@ -152,7 +153,30 @@ def cases(rows: str, num_labeled: int = 8, seed: int = 0, weights: str = "last",
     return "\n".join(lines)
 
 
+MONITOR_TAGS = ("pseudo_dice_cs", "pseudo_dice_ds", "loss_cl", "loss_cps_cs", "loss_sup_cs")
+
+
+def monitor(rows: str, num_labeled: int = 8, seed: int = 0, window: int = 128, root: str = "runs/cpu") -> str:
+    """Per-window means of the logged pseudo-label Dice and loss terms (TensorBoard events) of training runs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    blocks = []
+    for name in str(rows).split():
+        run_dir = REPO / root / name / f"l{num_labeled}_s{seed}"
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+        tags = [t for t in MONITOR_TAGS if t in events.Tags()["scalars"]]
+        series = {t: {e.step: e.value for e in events.Scalars(t)} for t in tags}
+        last = max((max(v) for v in series.values() if v), default=0)
+        lines = [f"{root}/{name}/l{num_labeled}_s{seed}", f"{'iters':>10}" + "".join(f"{t:>16}" for t in tags)]
+        for start in range(1, last + 1, window):
+            stop = min(start + window - 1, last)
+            means = [np.mean([v for k, v in series[t].items() if start <= k <= stop] or [np.nan]) for t in tags]
+            lines.append(f"{f'{start}-{stop}':>10}" + "".join(f"{m:>16.4f}" for m in means))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    fire.Fire({"run": run, "table": table, "cases": cases})
+    fire.Fire({"run": run, "table": table, "cases": cases, "monitor": monitor})

@@ -59,6 +59,9 @@ def test_reference_and_bundle_rows_scored_on_the_report_split(la_copy, tmp_path)
     assert "| reference | 4 | last | 1 |" in text and "| sup | 4 | selected | 1 |" in text
     per_case = la_cpu.cases(rows="reference", num_labeled=4, seed=0, root=str(tmp_path)).splitlines()
     assert [line.split(" | ")[0][2:] for line in per_case[2:]] == sorted(report)
+    logged = la_cpu.monitor(rows="sup", num_labeled=4, seed=1, window=1, root=str(tmp_path)).splitlines()
+    assert "loss_sup_cs" in logged[1].split() and "pseudo_dice_cs" not in logged[1]  # no CPS in the sup row
+    assert [row.split()[0] for row in logged[2:]] == ["1-1", "2-2"]
 
 
 def test_unknown_row_and_bad_override_are_refused(tmp_path):
