@@ -8,6 +8,7 @@ changes (its first comment lines describe the dataset). :func:`compose` merges t
 ``bundles/<dataset>/configs/{train,evaluate,inference}.yaml`` as one self-contained file, so a bundle folder has no
 macro, loads from any working directory and can be copied elsewhere; ``--check`` reports files that differ from what
 would be written. The written files keep the graph's comments (the value of a top-level line, the section headers).
+:func:`check_override_ids` refuses an override id a config lacks, naming the closest one (both runners call it).
 """
 
 from __future__ import annotations
@@ -15,13 +16,22 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from monai.bundle import ConfigParser
-from monai.bundle.utils import MERGE_KEY
+from monai.bundle.utils import ID_SEP_KEY, MERGE_KEY
 
-__all__ = ["CONFIG_DIR", "DATASETS", "WORKFLOWS", "compose", "dataset_values", "render", "write_bundles"]
+__all__ = [
+    "CONFIG_DIR",
+    "DATASETS",
+    "WORKFLOWS",
+    "check_override_ids",
+    "compose",
+    "dataset_values",
+    "render",
+    "write_bundles",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The graph (``train.yaml`` and its overrides) and ``datasets/<dataset>.yaml``."""
@@ -62,9 +72,13 @@ class _Dumper(yaml.SafeDumper):
     """Block-style YAML, with lists of numbers / booleans / nulls in flow style (``patch_size: [112, 112, 80]``)."""
 
 
+def _scalars(values: list) -> bool:
+    """Whether a list holds only numbers, booleans and nulls (written in flow style, a plain value)."""
+    return all(v is None or isinstance(v, (bool, int, float)) for v in values)
+
+
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(v is None or isinstance(v, (bool, int, float)) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=_scalars(data))
 
 
 _Dumper.add_representer(list, _represent_list)
@@ -79,6 +93,37 @@ def dataset_values(dataset: str) -> dict[str, Any]:
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; the bundles are {list(DATASETS)}.")
     return dict(ConfigParser.load_config_file(str(CONFIG_DIR / "datasets" / f"{dataset}.yaml")))
+
+
+def check_override_ids(config: dict, overrides: Sequence[str], source: str) -> None:
+    """Refuse override ids that a config does not have (nested ids: every level must exist).
+
+    MONAI's bundle CLI adds an unknown id as a new, unused value and runs with the default; this stops first.
+
+    Args:
+        config: the merged config content (``ConfigParser.get()``).
+        overrides: ids as given on the command line or to the runner (``"num_labeled"``,
+            ``"train#trainer#max_epochs"``).
+        source: how to name the config in the message (its files, or the bundle and workflow).
+
+    Raises:
+        ValueError: naming the unknown option and the closest valid id, e.g. ``unknown option --num_labled:
+            bundles/la/configs/train.yaml has no id 'num_labled'; did you mean --num_labeled?``.
+    """
+    for override in overrides:
+        node: Any = config
+        path: list[str] = []
+        for part in str(override).replace(ID_SEP_KEY, "#").split("#"):
+            keys = [str(k) for k in node] if isinstance(node, dict) else [str(i) for i in range(len(node))]
+            if part not in keys:
+                near = difflib.get_close_matches(part, [k for k in keys if not k.startswith("_")], n=1, cutoff=0.6)
+                prefix = "#".join(path + [""])
+                hint = f"; did you mean --{prefix}{near[0]}?" if near else ""
+                raise ValueError(f"unknown option --{override}: {source} has no id '{prefix}{part}'{hint}")
+            node = node[part] if isinstance(node, dict) else node[int(part)]
+            path.append(part)
+            if not isinstance(node, (dict, list)):
+                break
 
 
 def compose(workflow: str, dataset: Optional[str] = None) -> dict[str, Any]:
@@ -127,12 +172,20 @@ def _description(dataset: str) -> str:
 
 
 def _order(config: dict[str, Any], base: list[str]) -> list[str]:
-    """Keys in the graph's order; values an override adds go at the end of the values block (before ``common``)."""
+    """Keys in the graph's order; values an override or dataset adds go at the end of the values block (before
+    ``common``)."""
     new = [k for k in config if k not in base]
-    plain = [k for k in new if not isinstance(config[k], (dict, list)) and str(config[k])[:1] not in "$@%"]
+    plain = [k for k in new if _is_value(config[k])]
     at = base.index("common") if "common" in base else len(base)
     rest = [k for k in new if k not in plain]
     return [k for k in base[:at] if k in config] + plain + [k for k in base[at:] if k in config] + rest
+
+
+def _is_value(value: Any) -> bool:
+    """A plain value (a number, string, switch or list of numbers), not a section, list of items or expression."""
+    if isinstance(value, list):
+        return _scalars(value)
+    return not isinstance(value, dict) and str(value)[:1] not in "$@%"
 
 
 def render(workflow: str, dataset: str) -> str:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
-__all__ = ["atomic_save", "load_train_state", "ModelSaver", "TrainStateSaver", "resume", "unwrap"]
+__all__ = ["atomic_save", "load_train_state", "ModelSaver", "TrainStateSaver", "require_checkpoint", "resume", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ def _is_main_process() -> bool:
 def unwrap(module: nn.Module) -> nn.Module:
     """The wrapped module of a ``DistributedDataParallel``/``DataParallel`` wrapper, else the module itself."""
     return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+
+
+def require_checkpoint(path: str | os.PathLike) -> None:
+    """Stop an evaluation or inference before it starts (no output folder, no engine) when the weights are missing.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file; the message names it and the option that sets it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass the trained weights with --ckpt_path <model.pt> "
+            "(the model.pt that training writes to its output_dir)"
+        )
 
 
 _UMASK = os.umask(0)

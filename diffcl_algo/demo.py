@@ -36,7 +36,7 @@ from diffcl_algo.data.writers import write_text
 from diffcl_algo.report import report
 from diffcl_algo.training import run_workflow
 
-__all__ = ["MODELS", "demo"]
+__all__ = ["MODELS", "demo", "demo_table"]
 
 #: Demo models: display name -> (output folder, ablation switches use_cps / use_hfm / use_cl).
 MODELS = {"Diff-CL": ("diffcl", True), "Supervised only": ("supervised", False)}
@@ -157,8 +157,18 @@ def _demo(
     result = report(runs=runs, output_dir=out / "report")
     summary = {"output_dir": str(out), "report": result, "models": models, "seconds": round(time.time() - start, 1)}
     write_text(out / "demo_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    print(demo_table(models, num_test) + f"\nreport: {out / 'report'}  ({summary['seconds']} s)")
+    return summary
+
+
+def demo_table(models: dict[str, dict[str, Any]], num_test: int) -> str:
+    """The table the demo prints (and the README quotes): one row per model, mean test metrics.
+
+    Args:
+        models: ``{name: {"dice", "jaccard", "hd95", "asd", ...}}`` (``demo_summary.json``'s ``models``).
+        num_test: number of synthetic test cases.
+    """
     lines = [f"{'model':<16} {'Dice':>7} {'Jaccard':>8} {'95HD':>7} {'ASD':>6}  (synthetic test set, {num_test} cases)"]
     for name, m in models.items():
         lines.append(f"{name:<16} {m['dice']:7.4f} {m['jaccard']:8.4f} {m['hd95']:7.2f} {m['asd']:6.2f}")
-    print("\n".join(lines) + f"\nreport: {out / 'report'}  ({summary['seconds']} s)")
-    return summary
+    return "\n".join(lines)

@@ -18,10 +18,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from ignite.handlers import ProgressBar
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import StatsHandler, TensorBoardStatsHandler
+from monai.handlers import TensorBoardStatsHandler
 from torch import nn
 
 from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, unwrap
@@ -33,6 +32,7 @@ from diffcl_algo.diffusion import GaussianDiffusion
 from diffcl_algo.handlers import attach_file_logger, detach_file_logger
 from diffcl_algo.losses import ContrastiveLabelPropagationLoss, DiceCELoss
 from diffcl_algo.memory_bank import ClassMemoryBank, all_gather_variable
+from diffcl_algo.progress import IterationProgressBar, ValidationLog
 from diffcl_algo.schedules import DEFAULT_HYPERPARAMS, DiffCLHyperParams, continuous_epoch, gaussian_ramp, poly_lr
 
 __all__ = ["LOSS_KEYS", "SUP_LOSS_FORMS", "class_argmax", "DiffCLTrainer"]
@@ -167,14 +167,14 @@ class DiffCLTrainer(Trainer):
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (the latter with a ``GradScaler``).
         handlers: ignite handlers to attach (before the savers, so a ``ValidationHandler`` among them runs first).
         evaluator: the validation evaluator (run by a ``ValidationHandler`` in ``handlers``); its rounds are
-            logged on ``diffcl_algo.val`` and in TensorBoard at the trainer's iteration, and pick ``model.pt``.
+            logged by ``progress.ValidationLog`` and in TensorBoard at the trainer's iteration, and pick ``model.pt``.
         model_saver: ``checkpoint.ModelSaver`` (best ``model.pt`` per ``evaluator``'s key metric, or the last
             weights without one).
         train_state_saver: ``checkpoint.TrainStateSaver`` (``train_state.pt``).
         summary_writer: TensorBoard writer of the learning rates and validation metrics (None: none, e.g. on ranks
             other than 0); closed by :meth:`close`.
         output_dir: run folder; ``train.log`` is written there on rank 0 (None: no log file).
-        progress: tqdm progress bar of the loss terms (rank 0).
+        progress: tqdm progress bar over ``max_iterations`` with the loss terms (rank 0).
         resume: a ``train_state.pt`` to continue from (``checkpoint.resume``), None for a fresh start.
         non_blocking: non-blocking host-to-device copies.
         max_epochs: optional, for MONAI bundle property checks (``train#trainer#max_epochs``); must equal
@@ -321,7 +321,7 @@ class DiffCLTrainer(Trainer):
         at_iteration = lambda _: self.state.iteration  # noqa: E731
         quiet = dict(output_transform=lambda _: None, iteration_log=False, global_epoch_transform=at_iteration)
         if self.evaluator is not None and main:
-            StatsHandler(name="diffcl_algo.val", **quiet).attach(self.evaluator)
+            ValidationLog(self).attach(self.evaluator)
             if writer is not None:
                 TensorBoardStatsHandler(writer, **quiet).attach(self.evaluator)
         if writer is not None:
@@ -330,7 +330,7 @@ class DiffCLTrainer(Trainer):
         if self.output_dir is not None and main:
             attach_file_logger(self.output_dir)
         if progress and main:
-            ProgressBar(persist=True).attach(self, output_transform=lambda o: {k: o[k] for k in LOSS_KEYS})
+            IterationProgressBar(self.max_iterations, LOSS_KEYS).attach(self)
 
     def close(self) -> None:
         """Close the TensorBoard writer and detach ``train.log`` (the bundles' ``finalize``)."""

@@ -77,6 +77,7 @@ __all__ = [
     "eval_postprocessing",
     "eval_preprocessing",
     "evaluate",
+    "save_prediction",
 ]
 
 #: Metadata key holding the case name (set by :class:`CaseNamed`, read by :func:`case_name_formatter`).
@@ -190,7 +191,10 @@ def case_name_formatter(metadict: Mapping[str, Any] | None, saver: Any = None) -
 
 
 def eval_preprocessing(
-    spacing: float | Sequence[float] | None = None, case_key: str = "case", normalize: bool = False
+    spacing: float | Sequence[float] | None = None,
+    case_key: str = "case",
+    normalize: bool = False,
+    scan_norm: str = "zscore",
 ) -> Compose:
     """Whole-volume loading (:func:`~diffcl_algo.data.val_transforms`) followed by :class:`CaseNamed`.
 
@@ -198,12 +202,14 @@ def eval_preprocessing(
         spacing: voxel size given to the h5 reader (None: the file's attribute, else the LA spacing).
         case_key: datalist key of the case name.
         normalize: z-score each image volume, as the model's training did (``normalize_intensity``).
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
 
     Returns:
         ``Compose`` mapping ``{"image": path, "label": path[, "case": name]}`` to float32 MetaTensors (1, *S)
         plus ``"case"``.
     """
-    return Compose([val_transforms(spacing=spacing, normalize=normalize), CaseNamed("image", case_key=case_key)])
+    chain = val_transforms(spacing=spacing, normalize=normalize, scan_norm=scan_norm)
+    return Compose([chain, CaseNamed("image", case_key=case_key)])
 
 
 def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> Compose:
@@ -218,21 +224,25 @@ def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> 
     """
     transforms: list = [AsDiscreted(keys="pred", argmax=True)]
     if save_predictions:
-        transforms.append(
-            SaveImaged(
-                keys="pred",
-                output_dir=str(output_dir),
-                output_postfix="",
-                output_ext=_PREDICTION_EXT,
-                output_dtype=np.uint8,
-                resample=False,
-                separate_folder=False,
-                print_log=False,
-                output_name_formatter=case_name_formatter,
-                savepath_in_metadict=True,
-            )
-        )
+        transforms.append(save_prediction(output_dir))
     return Compose(transforms)
+
+
+def save_prediction(output_dir: PathLike, key: str = "pred") -> SaveImaged:
+    """``SaveImaged`` writing ``data[key]`` as ``<output_dir>/<case>.nii.gz``: a uint8 label map on the tensor's own
+    grid and affine (no resampling), its path recorded in the metadata (``saved_to``)."""
+    return SaveImaged(
+        keys=key,
+        output_dir=str(output_dir),
+        output_postfix="",
+        output_ext=_PREDICTION_EXT,
+        output_dtype=np.uint8,
+        resample=False,
+        separate_folder=False,
+        print_log=False,
+        output_name_formatter=case_name_formatter,
+        savepath_in_metadict=True,
+    )
 
 
 def _items(batch: Any, output: Any) -> list[tuple[Mapping, Mapping]]:

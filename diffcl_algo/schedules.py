@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -21,11 +22,15 @@ __all__ = [
     "DEFAULT_HYPERPARAMS",
     "gaussian_ramp",
     "table2_params",
+    "nearest_table2_row",
     "resolve_hyperparams",
     "epoch_length",
     "continuous_epoch",
     "poly_lr",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 def gaussian_ramp(epoch: float, t_max: float = 300.0, peak: float = 2.0) -> float:
@@ -123,9 +128,24 @@ def table2_params(dataset_name: str, num_labeled: int) -> DiffCLHyperParams:
         known = ", ".join(f"({d!r}, {n})" for d, rows in TABLE2.items() for n in rows)
         raise ValueError(
             f"No Table 2 row for dataset_name={dataset_name!r}, num_labeled={num_labeled!r}; known rows: {known}. "
-            "Pass dataset_name=None and the weights explicitly for other settings."
+            "For another dataset pass dataset_name=None (bundles: --dataset_name none) and the weights explicitly."
         )
     return TABLE2[name][int(num_labeled)]
+
+
+def nearest_table2_row(dataset_name: str, num_labeled: int) -> tuple[str, int]:
+    """``(dataset_name, num_labeled)`` of the Table 2 row used for a labeled count: the exact row when it exists, else
+    the row of the nearest labeled count (ties: the larger count).
+
+    Raises:
+        ValueError: an unknown dataset (the message lists the known rows).
+    """
+    names = {name.lower(): name for name in TABLE2}
+    name = names.get(str(dataset_name).lower())
+    if name is None:
+        table2_params(dataset_name, num_labeled)  # raises, listing the known rows
+    counts = sorted(TABLE2[name])
+    return name, min(counts, key=lambda n: (abs(n - int(num_labeled)), -n))
 
 
 def resolve_hyperparams(
@@ -134,16 +154,32 @@ def resolve_hyperparams(
     """Table 2 row (or ``DEFAULT_HYPERPARAMS`` when no dataset is named, see :func:`table2_name`) with explicit
     overrides applied.
 
+    Any labeled count works: without an exact row, the row of the nearest count is used
+    (:func:`nearest_table2_row`); the log names the row either way.
+
     Args:
         dataset_name: Table 2 dataset name or None.
-        num_labeled: Table 2 labeled count (required with ``dataset_name``; ignored without).
+        num_labeled: the number of labeled cases (required with ``dataset_name``; ignored without).
         overrides: any ``DiffCLHyperParams`` field; ``None`` values mean "keep the table value".
 
     Raises:
-        ValueError: unknown Table 2 row or unknown override name.
+        ValueError: unknown dataset, missing ``num_labeled`` or unknown override name.
     """
     name = table2_name(dataset_name)
-    base = DEFAULT_HYPERPARAMS if name is None else table2_params(name, -1 if num_labeled is None else num_labeled)
+    if name is None:
+        base = DEFAULT_HYPERPARAMS
+    elif num_labeled is None:
+        base = table2_params(name, -1)  # raises: a dataset needs num_labeled to pick its row (lists the rows)
+    else:
+        name, row = nearest_table2_row(name, num_labeled)
+        base = table2_params(name, row)
+        if row == int(num_labeled):
+            logger.info(f"Table 2 row: {name}, {row} labeled.")
+        else:
+            logger.warning(
+                f"Table 2 has no {name} row for {int(num_labeled)} labeled cases; using the nearest row, {name} "
+                f"{row} labeled ({', '.join(f'{k}={v:g}' for k, v in base.as_dict().items())})."
+            )
     unknown = set(overrides) - set(DiffCLHyperParams.__dataclass_fields__)
     if unknown:
         raise ValueError(f"Unknown hyper-parameter(s) {sorted(unknown)}; valid: {list(base.as_dict())}.")

@@ -15,7 +15,6 @@ or a bundle folder (``bundles/la`` or a copy of it: its ``configs/<workflow>.yam
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import ID_SEP_KEY
 
-from diffcl_algo.bundles import CONFIG_DIR, DATASETS, WORKFLOWS, dataset_values
+from diffcl_algo.bundles import CONFIG_DIR, DATASETS, WORKFLOWS, check_override_ids, dataset_values
 from diffcl_algo.engine import DiffCLTrainer
 
 __all__ = [
@@ -108,12 +107,9 @@ def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], 
 
 def _override(parser: ConfigParser, bundle: Bundle, workflow: str, values: dict, overrides: dict) -> None:
     """Set a dataset's ``values`` and the ``overrides`` (checked: an id the config lacks is a ``ValueError`` naming
-    it and the closest ids it has; tuples become lists, paths strings, ``device="auto"`` keeps the config's)."""
-    for key in overrides:
-        if key not in parser:
-            close = difflib.get_close_matches(key.split(ID_SEP_KEY)[0], list(parser.get()), n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"The {workflow} config of bundle {bundle!r} has no id {key!r}.{hint}")
+    it and the closest id it has, :func:`~diffcl_algo.bundles.check_override_ids`; tuples become lists, paths
+    strings, ``device="auto"`` keeps the config's)."""
+    check_override_ids(parser.get(), list(overrides), f"the {workflow} config of bundle {str(bundle)!r}")
     checked = {k: _plain(v) for k, v in overrides.items() if not (k == "device" and v == "auto")}
     parser.update({**{k: v for k, v in values.items() if k in parser}, **checked})
 

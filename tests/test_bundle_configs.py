@@ -69,9 +69,10 @@ def test_one_graph_one_network_and_the_settings_check_in_every_workflow():
 
 
 def test_overrides_are_checked_against_the_bundle_ids(tmp_path):
-    with pytest.raises(ValueError, match=r"has no id 'n_filter'\. Did you mean n_filters"):
+    message = r"--n_filter: the train config of bundle 'la' has no id 'n_filter'; did you mean --n_filters\?"
+    with pytest.raises(ValueError, match=message):
         build_trainer("la", dataset_dir=str(tmp_path), n_filter=4)
-    with pytest.raises(ValueError, match=r"has no id 'validate#evaluater#amp'"):
+    with pytest.raises(ValueError, match=r"has no id 'validate#evaluater'; did you mean --validate#evaluator\?"):
         load_bundle(None, "evaluate", **{"validate#evaluater#amp": True})
     with pytest.raises(FileNotFoundError, match="inference.yaml"):
         load_bundle(tmp_path, "inference")

@@ -41,6 +41,34 @@ SHAPE = (64, 64, 48)
 LIMIT_MB = 2  # the test server's --conf max_upload_mb
 
 
+# ---------------------------------------------------------------------------------------------------- venv set-up
+def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[str] = None) -> str:
+    """What setup_env.sh would install, with a fake ``nvidia-smi`` (its output, or None: not installed)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.unlink(missing_ok=True)
+    if nvidia_smi is not None:
+        fake.write_text(f"#!/bin/sh\necho '{nvidia_smi}'\n")
+        fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path)}
+    if choice is not None:
+        env["DIFFCL_MONAILABEL_TORCH"] = choice
+    out = subprocess.run(["bash", str(REPO / "integrations/monailabel/setup_env.sh"), "--print-torch-source"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_setup_env_installs_cpu_torch_without_cuda(tmp_path):
+    cpu = "cpu --index-url https://download.pytorch.org/whl/cpu"
+    assert _torch_source(tmp_path, None) == cpu
+    assert _torch_source(tmp_path, "No devices were found") == cpu
+    assert _torch_source(tmp_path, "GPU 0: NVIDIA H100 (UUID: GPU-0)") == "cuda"
+    assert _torch_source(tmp_path, "GPU 0: NVIDIA H100 (UUID: GPU-0)", "cpu") == cpu
+    assert _torch_source(tmp_path, None, "cuda") == "cuda"
+
+
 # ---------------------------------------------------------------------------------------------------- guards (ASGI)
 def _call(
     guard: guards.RequestGuard, path: str, query: bytes = b"", headers=(), chunks=(b"",), method: str = "POST"
@@ -311,6 +339,28 @@ def test_infer_datastore_image_and_upload(served):
     _check_label(_label(body), served["probs"])
     print(f"startup {served['startup_s']:.1f} s; /infer by id {served['latency_id_s']:.2f} s, "
           f"upload {served['latency_upload_s']:.2f} s")
+
+
+@pytest.mark.monailabel
+def test_raw_flipped_upload_comes_back_on_its_grid(served):
+    """A raw-intensity copy (int16, x180 + 400) stored with its first axis flipped: the bundle's preprocessing
+    normalises and reorients it, Invertd puts the mask back on the upload's grid. The reference is the network on
+    the z-scored int16 values (rounding to integers moves a few voxels of the float image's mask), flipped."""
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = SHAPE[0] - 1
+    stored = np.round(served["image"] * 180 + 400).astype(np.int16)
+    net = _la_network().eval()
+    net.load_state_dict(torch.load(served["work"] / "model.pt"))
+    zscored = ((stored - stored.mean()) / stored.std()).astype(np.float32)
+    probs = predict_volume(net, zscored[None], patch_size=(112, 112, 80), strides=(18, 18, 4))[0]
+    raw = np.ascontiguousarray(stored[::-1])
+    path = served["work"] / "raw_flipped.nii.gz"
+    nib.save(nib.Nifti1Image(raw, np.diag([0.625, 0.625, 0.625, 1.0]) @ flip), path)
+    upload, content_type = _multipart({"file": ("raw_flipped.nii.gz", path.read_bytes())})
+    status, _, body = _request(served["port"], "POST", f"/infer/{MODEL}?output=image", upload,
+                               {"Content-Type": content_type})
+    assert status == 200, body[:500]
+    _check_label(np.ascontiguousarray(_label(body)[::-1]), probs)
 
 
 @pytest.mark.monailabel

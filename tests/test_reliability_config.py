@@ -3,6 +3,7 @@ without writing ``model.pt`` / ``train_state.pt`` (docs/reliability.md, item 3).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.data import make_synthetic_dataset
 from diffcl_algo.handlers import GuardedValidationHandler
-from diffcl_algo.schedules import resolve_hyperparams
+from diffcl_algo.schedules import resolve_hyperparams, table2_params
 from diffcl_algo.training import train
 
 TINY = TINY_TRAIN
@@ -30,13 +31,19 @@ def _fails(data_dir: str, out: Path, error: type, match: str, **overrides) -> st
     return str(info.value)
 
 
-def test_unknown_table2_row_lists_known_rows(data_dir, tmp_path):
-    message = _fails(data_dir, tmp_path, ValueError, "No Table 2 row", dataset_name="LA", num_labeled=2)
-    assert "dataset_name='LA', num_labeled=2" in message
+def test_any_labeled_count_uses_the_nearest_table2_row(caplog):
+    with caplog.at_level(logging.INFO, logger="diffcl_algo.schedules"):
+        assert resolve_hyperparams("LA", 2) == table2_params("LA", 4)
+        assert resolve_hyperparams("la", 6) == table2_params("LA", 8)  # a tie goes to the larger count
+        assert resolve_hyperparams("Pancreas", 40) == table2_params("Pancreas", 12)
+        assert resolve_hyperparams("LA", 8) == table2_params("LA", 8)
+    messages = [r.getMessage() for r in caplog.records if r.name == "diffcl_algo.schedules"]
+    assert messages[0].startswith("Table 2 has no LA row for 2 labeled cases; using the nearest row, LA 4 labeled (")
+    assert "eta=0.7" in messages[0] and messages[-1] == "Table 2 row: LA, 8 labeled."
     known = "('Pancreas', 6), ('Pancreas', 12), ('LA', 4), ('LA', 8), ('BraTS', 25), ('BraTS', 50)"
-    assert f"known rows: {known}" in message
-    with pytest.raises(ValueError, match="No Table 2 row for dataset_name='Prostate'"):
+    with pytest.raises(ValueError, match="No Table 2 row for dataset_name='Prostate'") as info:
         resolve_hyperparams("Prostate", 8)
+    assert f"known rows: {known}" in str(info.value) and "--dataset_name none" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ and the training data flow (:mod:`diffcl_algo.data.iteration`: one batch per ite
 from __future__ import annotations
 
 from diffcl_algo.data.brats import brats_transforms, prepare_brats
+from diffcl_algo.data.intensity import SCAN_NORMS, ScanNormalized
 from diffcl_algo.data.io import (
     LA_SPACING,
     LAYOUTS,
@@ -32,6 +33,8 @@ __all__ = [
     "H5Reader",
     "LoadH5d",
     "RandRotFlipd",
+    "SCAN_NORMS",
+    "ScanNormalized",
     "brats_transforms",
     "build_datalists",
     "decathlon_datalists",

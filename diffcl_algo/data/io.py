@@ -78,6 +78,12 @@ def layout_help(layout: str) -> str:
     )
 
 
+def missing_dataset_dir(root: Path) -> str:
+    """Message for a dataset directory that does not exist: where it was looked for and how to give another."""
+    where = f" (looked for {root.resolve()})" if not root.is_absolute() else ""
+    return f"dataset directory {root} does not exist{where}; pass the dataset folder with --dataset_dir <folder>"
+
+
 class H5Reader(ImageReader):
     """MONAI ``ImageReader`` for one dataset of the field's per-case h5 files.
 
@@ -232,7 +238,7 @@ def h5_datalist(
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)} or a pattern containing '{{case}}', got {layout!r}")
     root = Path(dataset_dir)
     if not root.is_dir():
-        raise DataError(f"dataset directory {root} does not exist; {layout_help(layout)}")
+        raise DataError(f"{missing_dataset_dir(root)}; {layout_help(layout)}")
     list_path = root / list_name
     if not list_path.is_file():
         raise DataError(f"case list {list_path} does not exist; {layout_help(layout)}")
@@ -297,7 +303,7 @@ def detect_layout(dataset_dir: PathLike) -> str:
     """
     root = Path(dataset_dir)
     if not root.is_dir():
-        raise DataError(f"dataset directory {root} does not exist")
+        raise DataError(missing_dataset_dir(root))
     found = [name for name, pattern in LAYOUTS.items() if (root / Path(pattern).parts[0]).is_dir()]
     if len(found) != 1:
         options = "; ".join(f"{k}: <dataset_dir>/{v}" for k, v in LAYOUTS.items())

@@ -4,7 +4,8 @@ The field's 3D pipeline (UA-MT ``la_heart.py``, SSL4MIS ``brats2019.py``, MC-Net
 ``RandomRotFlip -> RandomCrop(patch) -> ToTensor``, where ``RandomCrop`` first zero-pads a volume that is not
 larger than the patch. Here it is expressed with MONAI transforms:
 
-- load: :class:`~diffcl_algo.data.io.LoadH5d` (h5 or NIfTI, channel first, MetaTensor);
+- load: :class:`~diffcl_algo.data.io.LoadH5d` (h5 or NIfTI, channel first, MetaTensor), then
+  :class:`~diffcl_algo.data.intensity.ScanNormalized` (a raw scan gets the normalisation the h5 files carry);
 - :class:`RandRotFlipd`: the field's ``RandomRotFlip``, on the whole volume as in the field (so a 90-degree
   turn never conflicts with a non-square patch);
 - pad: ``SpatialPadd`` to at least the patch size (constant 0, like the field's ``np.pad``; the field pads
@@ -34,6 +35,7 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple
 
+from diffcl_algo.data.intensity import ScanNormalized
 from diffcl_algo.data.io import LoadH5d
 
 #: Key under which an unlabeled case keeps its label for pseudo-label monitoring (never trained on).
@@ -71,12 +73,16 @@ def _keys(keys: KeysCollection, labeled: bool) -> tuple:
 
 
 def load_transforms(
-    keys: KeysCollection, spacing: float | Sequence[float] | None = None, normalize: bool = False
+    keys: KeysCollection,
+    spacing: float | Sequence[float] | None = None,
+    normalize: bool = False,
+    scan_norm: str = "zscore",
 ) -> list:
-    """Loading (h5 or NIfTI, channel first) and, with ``normalize``, a per-volume z-score of ``"image"``."""
+    """Loading (h5 or NIfTI, channel first), a raw scan's normalisation (:class:`ScanNormalized`, ``scan_norm``)
+    and, with ``normalize``, a per-volume z-score of ``"image"``."""
     keys = ensure_tuple(keys)
     datasets = ["label" if k == HIDDEN_LABEL else k for k in keys]  # an unlabeled case's label, for monitoring
-    steps: list = [LoadH5d(keys, datasets=datasets, spacing=spacing)]
+    steps: list = [LoadH5d(keys, datasets=datasets, spacing=spacing), ScanNormalized("image", scan_norm)]
     if normalize:
         steps.append(NormalizeIntensityd("image"))
     return steps
@@ -88,6 +94,7 @@ def train_transforms(
     labeled: bool = True,
     spacing: float | Sequence[float] | None = None,
     normalize: bool = False,
+    scan_norm: str = "zscore",
 ) -> Compose:
     """Training chain: load, [z-score], ``RandRotFlipd``, pad to the patch, random ``patch_size`` crop, float tensors.
 
@@ -97,6 +104,7 @@ def train_transforms(
         labeled: whether the entries carry a label.
         spacing: voxel size given to :class:`~diffcl_algo.data.io.LoadH5d` for h5 files.
         normalize: z-score each whole image volume (``NormalizeIntensityd``) before augmenting.
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
 
     Returns:
         ``Compose`` mapping ``{"image": path[, "label": path]}`` to tensors of shape (1, *patch_size).
@@ -107,7 +115,7 @@ def train_transforms(
         raise ValueError(f"patch_size must have 3 entries, got {patch_size}")
     return Compose(
         [
-            *load_transforms(keys, spacing, normalize),
+            *load_transforms(keys, spacing, normalize, scan_norm),
             RandRotFlipd(keys),
             SpatialPadd(keys, spatial_size=patch, mode="constant"),
             RandSpatialCropd(keys, roi_size=patch, random_size=False),
@@ -121,6 +129,7 @@ def val_transforms(
     labeled: bool = True,
     spacing: float | Sequence[float] | None = None,
     normalize: bool = False,
+    scan_norm: str = "zscore",
 ) -> Compose:
     """Validation / test chain: load whole volumes as float32 channel-first tensors (sliding-window inference).
 
@@ -129,6 +138,7 @@ def val_transforms(
         labeled: whether the entries carry a label.
         spacing: voxel size given to :class:`~diffcl_algo.data.io.LoadH5d` for h5 files.
         normalize: z-score each whole image volume (``NormalizeIntensityd``), as in training.
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
     """
     keys = _keys(keys, labeled)
-    return Compose([*load_transforms(keys, spacing, normalize), EnsureTyped(keys, dtype=torch.float32)])
+    return Compose([*load_transforms(keys, spacing, normalize, scan_norm), EnsureTyped(keys, dtype=torch.float32)])

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import h5py
 import nibabel as nib
 import numpy as np
+from monai.utils import optional_import
 from tqdm import tqdm
 
 from diffcl_algo.data.io import DataError, is_h5
@@ -21,6 +22,18 @@ from diffcl_algo.data.io import DataError, is_h5
 __all__ = ["validate_cases"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+
+
+def _read_nrrd(path: Path, load: bool) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """Shape (and array) of an NRRD file via pynrrd, which MONAI's ``NrrdReader`` also uses."""
+    nrrd, available = optional_import("nrrd")
+    if not available:
+        raise DataError(f"{path}: reading NRRD needs pynrrd: pip install 'diffcl_algo[nrrd]' (or pip install pynrrd)")
+    if load:
+        array, _ = nrrd.read(str(path))
+        return tuple(array.shape), array
+    return tuple(int(n) for n in nrrd.read_header(str(path))["sizes"]), None
 
 
 def _read(path: str, datasets: Sequence[str], load: bool) -> dict[str, tuple[tuple[int, ...], np.ndarray | None]]:
@@ -39,8 +52,11 @@ def _read(path: str, datasets: Sequence[str], load: bool) -> dict[str, tuple[tup
                 if absent:
                     raise DataError(f"{p}: missing h5 dataset(s) {absent} (found {sorted(f.keys())})")
                 return {d: (tuple(f[d].shape), f[d][()] if load else None) for d in datasets}
+        if p.name.lower().endswith(NRRD_SUFFIXES):
+            shape, array = _read_nrrd(p, load)
+            return {d: (shape, array) for d in datasets}
         if not p.name.lower().endswith(NIFTI_SUFFIXES):
-            raise DataError(f"{p}: unsupported format (expected .h5, .nii or .nii.gz)")
+            raise DataError(f"{p}: unsupported format (expected .h5, .nii, .nii.gz or .nrrd)")
         img = nib.load(p)
         shape = tuple(img.shape)
         while len(shape) > 3 and shape[-1] == 1:

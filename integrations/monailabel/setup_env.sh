@@ -8,12 +8,36 @@
 #   VENV_DIR                     default: $DIFFCL_MONAILABEL_VENV, else <repo>/.venv-monailabel
 #   DIFFCL_MONAILABEL_PYTHON     interpreter that creates the venv (default: python3.11, else python3)
 #   DIFFCL_MONAILABEL_REBUILD=1  rebuild even when the venv is up to date
-# A venv built from the same pins is reused (only re-pointed at this checkout, seconds); a new one takes about
-# 4.5 minutes and 8.2 GB (docs/monailabel.md). The last line printed is the venv's python.
+#   DIFFCL_MONAILABEL_TORCH      cpu | cuda | auto (default auto: cuda when `nvidia-smi -L` lists a GPU, else cpu)
+#   --print-torch-source         print the torch build that would be installed (cpu / cuda) and its pip options, exit
+# A venv built from the same pins and torch build is reused (only re-pointed at this checkout, seconds); a new one
+# takes about 4.5 minutes and 8.2 GB with the CUDA build (docs/monailabel.md); on a machine without CUDA the CPU build
+# comes from PyTorch's CPU index, without the nvidia packages. The last line printed is the venv's python.
 set -euo pipefail
-BUILD_REV=1  # bump when the build steps below change
+BUILD_REV=2  # bump when the build steps below change
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
+
+# torch build: cuda (PyPI's default wheels, with the nvidia packages) or cpu (PyTorch's CPU index)
+torch_build() {
+    case "${DIFFCL_MONAILABEL_TORCH:-auto}" in
+        cpu | cuda) echo "$DIFFCL_MONAILABEL_TORCH" ;;
+        auto) if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L 2> /dev/null | grep -q "^GPU"; then
+                  echo cuda
+              else
+                  echo cpu
+              fi ;;
+        *) echo "setup_env.sh: DIFFCL_MONAILABEL_TORCH must be cpu, cuda or auto, got '$DIFFCL_MONAILABEL_TORCH'" >&2
+           exit 2 ;;
+    esac
+}
+build="$(torch_build)"
+torch_pip_options=()
+if [ "$build" = cpu ]; then torch_pip_options=(--index-url https://download.pytorch.org/whl/cpu); fi
+if [ "${1:-}" = --print-torch-source ]; then
+    echo "$build ${torch_pip_options[*]}"
+    exit 0
+fi
 venv="${1:-${DIFFCL_MONAILABEL_VENV:-$root/.venv-monailabel}}"
 constraints="$here/constraints.txt"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -45,7 +69,7 @@ sys.exit(os.path.realpath(diffcl_algo.__file__) != os.path.realpath(sys.argv[1])
     fi
 }
 
-want="rev $BUILD_REV $(sha256sum < "$constraints" | cut -d' ' -f1)"
+want="rev $BUILD_REV torch-$build $(sha256sum < "$constraints" | cut -d' ' -f1)"
 if [ "${DIFFCL_MONAILABEL_REBUILD:-0}" != 1 ] && [ -f "$venv/.diffcl-stamp" ] \
     && [ "$(cat "$venv/.diffcl-stamp")" = "$want" ]; then
     link
@@ -67,8 +91,9 @@ echo "building $venv with $("$py" --version)"
 rm -rf "$venv"
 "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -c "$constraints")
-# 1. torch + torchvision first (pinned pair), so that nothing below pulls in another build.
-"${pip[@]}" torch torchvision
+# 1. torch + torchvision first (pinned pair, the build chosen above), so that nothing below pulls in another build.
+echo "torch build: $build"
+"${pip[@]}" "${torch_pip_options[@]}" torch torchvision
 # 2. sam2 (required by MONAI Label) is an sdist whose build needs torch: build it against the torch above, without its
 #    optional CUDA extension, instead of in an isolated environment that would install a second torch.
 "${pip[@]}" "setuptools>=61" wheel
