@@ -16,8 +16,10 @@ import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -42,8 +44,10 @@ LIMIT_MB = 2  # the test server's --conf max_upload_mb
 
 
 # ---------------------------------------------------------------------------------------------------- venv set-up
-def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[str] = None) -> str:
-    """What setup_env.sh would install, with a fake ``nvidia-smi`` (its output, or None: not installed)."""
+def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[str] = None,
+                  cpu_index: Optional[str] = None) -> str:
+    """What setup_env.sh would install, with a fake ``nvidia-smi`` (its output, or None: not installed) and a CPU
+    index (default: a local folder that lists torch, i.e. an index that answers)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "nvidia-smi"
@@ -51,7 +55,13 @@ def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[st
     if nvidia_smi is not None:
         fake.write_text(f"#!/bin/sh\necho '{nvidia_smi}'\n")
         fake.chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path)}
+    if cpu_index is None:
+        (tmp_path / "index").mkdir(exist_ok=True)
+        (tmp_path / "index" / "torch").write_text("<html></html>")  # the index's page of torch
+        cpu_index = (tmp_path / "index").as_uri()
+    python_dir = os.path.dirname(shutil.which("python3") or sys.executable)
+    env = {"PATH": os.pathsep.join([str(bin_dir), python_dir, "/usr/bin", "/bin"]), "HOME": str(tmp_path),
+           "DIFFCL_MONAILABEL_CPU_INDEX": cpu_index}
     if choice is not None:
         env["DIFFCL_MONAILABEL_TORCH"] = choice
     out = subprocess.run(["bash", str(REPO / "integrations/monailabel/setup_env.sh"), "--print-torch-source"],
@@ -61,12 +71,14 @@ def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[st
 
 
 def test_setup_env_installs_cpu_torch_without_cuda(tmp_path):
-    cpu = "cpu --index-url https://download.pytorch.org/whl/cpu"
+    cpu = f"cpu --index-url {(tmp_path / 'index').as_uri()}"
     assert _torch_source(tmp_path, None) == cpu
     assert _torch_source(tmp_path, "No devices were found") == cpu
     assert _torch_source(tmp_path, "GPU 0: NVIDIA H100 (UUID: GPU-0)") == "cuda"
     assert _torch_source(tmp_path, "GPU 0: NVIDIA H100 (UUID: GPU-0)", "cpu") == cpu
     assert _torch_source(tmp_path, None, "cuda") == "cuda"
+    # without a GPU and without an answering CPU index, the build the registries have (and a note why)
+    assert _torch_source(tmp_path, None, cpu_index=(tmp_path / "no_index").as_uri()) == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------------- guards (ASGI)

@@ -8,7 +8,9 @@
 #   VENV_DIR                     default: $DIFFCL_MONAILABEL_VENV, else <repo>/.venv-monailabel
 #   DIFFCL_MONAILABEL_PYTHON     interpreter that creates the venv (default: python3.11, else python3)
 #   DIFFCL_MONAILABEL_REBUILD=1  rebuild even when the venv is up to date
-#   DIFFCL_MONAILABEL_TORCH      cpu | cuda | auto (default auto: cuda when `nvidia-smi -L` lists a GPU, else cpu)
+#   DIFFCL_MONAILABEL_TORCH      cpu | cuda | auto (default auto: cuda when `nvidia-smi -L` lists a GPU, else cpu
+#                                when PyTorch's CPU index answers, else cuda: the only build the package registries have)
+#   DIFFCL_MONAILABEL_CPU_INDEX  the CPU build's index (default https://download.pytorch.org/whl/cpu)
 #   --print-torch-source         print the torch build that would be installed (cpu / cuda) and its pip options, exit
 # A venv built from the same pins and torch build is reused (only re-pointed at this checkout, seconds); a new one
 # takes about 4.5 minutes and 8.2 GB with the CUDA build (docs/monailabel.md); on a machine without CUDA the CPU build
@@ -18,14 +20,23 @@ BUILD_REV=2  # bump when the build steps below change
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
+cpu_index="${DIFFCL_MONAILABEL_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+# whether the CPU index lists torch (a 10 s look, nothing downloaded)
+cpu_index_answers() {
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch", timeout=10)' \
+        "$cpu_index" > /dev/null 2>&1
+}
 # torch build: cuda (PyPI's default wheels, with the nvidia packages) or cpu (PyTorch's CPU index)
 torch_build() {
     case "${DIFFCL_MONAILABEL_TORCH:-auto}" in
         cpu | cuda) echo "$DIFFCL_MONAILABEL_TORCH" ;;
         auto) if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L 2> /dev/null | grep -q "^GPU"; then
                   echo cuda
-              else
+              elif cpu_index_answers; then
                   echo cpu
+              else
+                  echo "setup_env.sh: no GPU, but $cpu_index does not answer: installing the default (CUDA) build" >&2
+                  echo cuda
               fi ;;
         *) echo "setup_env.sh: DIFFCL_MONAILABEL_TORCH must be cpu, cuda or auto, got '$DIFFCL_MONAILABEL_TORCH'" >&2
            exit 2 ;;
@@ -33,7 +44,7 @@ torch_build() {
 }
 build="$(torch_build)"
 torch_pip_options=()
-if [ "$build" = cpu ]; then torch_pip_options=(--index-url https://download.pytorch.org/whl/cpu); fi
+if [ "$build" = cpu ]; then torch_pip_options=(--index-url "$cpu_index"); fi
 if [ "${1:-}" = --print-torch-source ]; then
     echo "$build ${torch_pip_options[*]}"
     exit 0
