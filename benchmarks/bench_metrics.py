@@ -1,4 +1,4 @@
-"""Benchmark ``diffcl_algo.metrics.case_metrics`` against medpy's dc + jc + hd95 + asd on real LA labels.
+"""Benchmark ``diffcl_algo.evaluation.metrics.case_metrics`` against medpy's dc + jc + hd95 + asd on real LA labels.
 
 Run by hand from the repository root (needs medpy, h5py and the LA data in ``../shared/data/LA``)::
 
@@ -21,7 +21,7 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffcl_algo.metrics import METRIC_NAMES, case_metrics  # noqa: E402
+from diffcl_algo.evaluation.metrics import METRIC_NAMES, case_metrics  # noqa: E402
 
 LA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"
 

@@ -14,7 +14,7 @@ random init (or ``--ckpt`` state_dict), in eval mode under ``torch.no_grad``, on
 
 * reference: ``test_single_case`` of UA-MT / SSL4MIS, written out below: pad to at least the patch, one window
   per forward in fp32, softmax, accumulate ``score_map`` and ``cnt`` in numpy, divide, argmax;
-* ours: ``diffcl_algo.inference.predict_volume`` (MONAI ``SlidingWindowInferer``, stride converted to overlap,
+* ours: ``diffcl_algo.inference.predict.predict_volume`` (MONAI ``SlidingWindowInferer``, stride converted to overlap,
   averaged softmax probabilities), at ``sw_batch_size`` 1 and at ``--sw_batch_size``; on CUDA with ``--amp``
   ours runs under ``torch.autocast`` (the reference stays fp32).
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffcl_algo.inference import predict_volume
+from diffcl_algo.inference.predict import predict_volume
 from diffcl_algo.networks import VNet
 
 LA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"  # ../shared beside the repository

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from diffcl_algo.data import la_datalist
-from diffcl_algo.inference import predict_volume
+from diffcl_algo.inference.predict import predict_volume
 from diffcl_algo.networks import VNet
 
 

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from diffcl_algo.engine import DiffCLTrainer
-from diffcl_algo.training import load_bundle
+from diffcl_algo.bundle.run import load_bundle
+from diffcl_algo.training.trainer import DiffCLTrainer
 
 MODES = {  # the four rows of Table 6, so the overhead splits into its parts
     "supervised-only": dict(use_cps=False, use_hfm=False, use_cl=False),
@@ -43,12 +43,9 @@ def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp
         epoch_length=36,
         cs_network=net("network"),
         ds_network=net("nets#ds_network"),
-        cs_head=net("nets#cs_head"),
-        ds_head=net("nets#ds_head"),
-        memory_bank=net("nets#memory_bank"),
+        contrastive=net("nets#contrastive"),
         hyperparams=net("common#hp"),
         use_cps=mode["use_cps"],
-        use_cl=mode["use_cl"],
         cs_optimizer=net("nets#cs_optimizer"),
         ds_optimizer=net("nets#ds_optimizer"),
         amp=amp != "none",

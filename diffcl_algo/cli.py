@@ -13,7 +13,6 @@ full traceback); anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import inspect
 import os
@@ -21,37 +20,23 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-import yaml
+from diffcl_algo.utils import config_error_cause, parse_overrides, parse_value
 
-__all__ = ["COMMANDS", "USER_ERRORS", "docstring_args", "main", "parse_overrides", "parse_value", "user_error"]
+__all__ = ["COMMANDS", "USER_ERRORS", "docstring_args", "main", "user_error"]
 
 #: command name -> ("module:function", one-line summary shown by ``python -m diffcl_algo --help``)
 COMMANDS = {
-    "run": ("diffcl_algo.run_bundle:run", "run a bundle workflow (training / evaluating / inferring), options checked"),
+    "run": ("diffcl_algo.bundle.run:run", "run a bundle workflow (training / evaluating / inferring), options checked"),
     "demo": ("diffcl_algo.demo:demo", "train and evaluate Diff-CL and a baseline on synthetic data (no download)"),
     "prepare": ("diffcl_algo.data.prepare:prepare", "check (la) or convert (brats, pancreas) a dataset"),
-    "report": ("diffcl_algo.report:report", "metric tables, learning curves and overlays of runs"),
-    "package": ("diffcl_algo.package:package", "write a self-contained model-zoo zip of a bundle and weights"),
-    "bundles": ("diffcl_algo.bundles:write_bundles", "write (or --check) the bundles' configs from the graph"),
+    "report": ("diffcl_algo.evaluation.report:report", "metric tables, learning curves and overlays of runs"),
+    "package": ("diffcl_algo.bundle.package:package", "write a self-contained model-zoo zip of a bundle and weights"),
+    "bundles": ("diffcl_algo.bundle.compose:write_bundles", "write (or --check) the bundles' configs from the graph"),
 }
 
 #: Exceptions reported as one line: our own ``DataError`` is a ``ValueError``; missing files are ``OSError``.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 _OPT = "_option_"  # argparse dest prefix of the --name spelling of a positional parameter
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as Python: a literal (``4``, ``1e-3``, ``[1, 2]``), else YAML (``true``, ``null``),
-    else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        pass
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (bool, type(None), list, dict, int, float)) else text
 
 
 def docstring_args(func: Callable[..., Any]) -> tuple[str, dict[str, str]]:
@@ -103,27 +88,6 @@ def _add_options(parser: argparse.ArgumentParser, func: Callable[..., Any]) -> l
     return required
 
 
-def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` pairs as ``{key: parse_value(value)}``.
-
-    Raises:
-        ValueError: an item that is not ``--key`` followed by a value.
-    """
-    out: dict[str, Any] = {}
-    items = list(extra)
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--") or len(item) < 3:
-            raise ValueError(f"unexpected argument {item!r}: options are given as --<name> <value>")
-        key, eq, value = item[2:].partition("=")
-        if not eq:
-            if not items or (items[0].startswith("--") and len(items[0]) > 2):
-                raise ValueError(f"option --{key} needs a value")
-            value = items.pop(0)
-        out[key] = parse_value(value)
-    return out
-
-
 def _load(target: str) -> Callable[..., Any]:
     module_name, func_name = target.split(":")
     return getattr(importlib.import_module(module_name), func_name)
@@ -131,8 +95,6 @@ def _load(target: str) -> Callable[..., Any]:
 
 def user_error(error: BaseException) -> BaseException | None:
     """The error to report in one line (the cause under MONAI's config wrappers), None when it is a bug."""
-    from diffcl_algo.training import config_error_cause
-
     cause = config_error_cause(error)
     return cause if isinstance(cause, USER_ERRORS) else None
 

@@ -7,14 +7,14 @@
    ``train.list`` = labeled + unlabeled + 2 validation cases, ``test.list`` = held-out test cases);
 2. trains Diff-CL (CPS + HF-Mamba + contrastive label propagation) and the supervised-only baseline
    (``use_cps``/``use_hfm``/``use_cl`` false, paper Table 6 row 1) with the LA bundle's training workflow
-   (:func:`diffcl_algo.training.run_workflow`: ``monai.bundle.ConfigWorkflow`` on the graph that
+   (:func:`diffcl_algo.bundle.run.run_workflow`: ``monai.bundle.ConfigWorkflow`` on the graph that
    ``bundles/la/configs/train.yaml`` is written from, the code path of ``python -m monai.bundle run training``)
    with small-scale overrides (volume, patch, width, iterations); validation on the last 2 training-list cases
    selects ``model.pt``;
 3. evaluates both with the LA bundle's evaluation workflow on ``test.list`` (predictions, ``metrics.csv``,
    ``metrics_summary.json``);
-4. writes a report with :func:`diffcl_algo.report.report`: metrics table of both models, learning curves, best /
-   worst case overlays (PNG), plus ``demo_summary.json``.
+4. writes a report with :func:`diffcl_algo.evaluation.report.report`: metrics table of both models, learning
+   curves, best / worst case overlays (PNG), plus ``demo_summary.json``.
 
 Layout of ``output_dir``: ``data/`` (synthetic dataset), ``diffcl/`` and ``supervised/`` (training outputs:
 ``model.pt``, ``train_state.pt``, ``train.log``, TensorBoard events; ``eval/`` inside each), ``report/``.
@@ -31,10 +31,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from diffcl_algo.bundle.run import run_workflow
 from diffcl_algo.data import make_synthetic_dataset
 from diffcl_algo.data.writers import write_text
-from diffcl_algo.report import report
-from diffcl_algo.training import run_workflow
+from diffcl_algo.evaluation.report import report
 
 __all__ = ["MODELS", "demo", "demo_table"]
 

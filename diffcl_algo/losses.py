@@ -5,12 +5,14 @@
   because ``beta1``/``beta2`` follow the Gaussian ramp and change every iteration. Used for the supervised
   losses ``L_s^d``/``L_s^c`` (eq. 18-19, ``w = beta1``/``beta2``) and the cross pseudo-supervision losses
   ``L_p^d``/``L_p^c`` (eq. 6-7, ``w = lambda1``/``lambda2``).
-* ``ContrastiveLabelPropagationLoss``: label propagation by contrastive learning (eq. 11-15).
+* ``class_argmax``: the pseudo-labels ``argmax P`` of the cross pseudo-supervision (eq. 6-7).
+
+The contrastive label propagation loss (eq. 11-15) lives with its memory bank in :mod:`diffcl_algo.contrastive`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from monai.losses import DiceLoss, MaskedDiceLoss
 from monai.networks.utils import one_hot
 from torch import nn
 
-__all__ = ["DiceCELoss", "ContrastiveLabelPropagationLoss"]
+__all__ = ["DiceCELoss", "class_argmax"]
 
 
 class DiceCELoss(nn.Module):
@@ -94,81 +96,23 @@ class DiceCELoss(nn.Module):
         return dice if not ce_weight else dice + ce_weight * ce
 
 
-class ContrastiveLabelPropagationLoss(nn.Module):
-    """Label propagation by contrastive learning, eq. 11-15.
+def class_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=1, keepdim=True)`` for few classes, by running comparisons over the class channels.
 
-    For every class ``gamma`` with anchors ``a^gamma`` (p labeled DS features sampled from the memory bank) and
-    the q unlabeled CS features ``b``:
-
-    * eq. 11: ``cos(b_j, a_i)`` cosine similarity (both sides L2-normalised here);
-    * eq. 12: positives ``b^{gamma,P}`` = the ``k`` features of ``b`` with the largest ``sum_i cos(b_j, a_i)``;
-    * eq. 13: negatives ``b^{gamma,N}`` = the ``k`` features with the largest ``sum_i (1 - cos(b_j, a_i))``;
-    * eq. 14: ``L(a_i, b_j) = -log(e^{c_ij/tau} / (e^{c_ij/tau} + sum_{b_n in N} e^{cos(a_i, b_n)/tau}))``,
-      evaluated for every anchor ``a_i`` and every positive ``b_j``;
-    * eq. 15 sums eq. 14 over classes, anchors and positives. This implementation returns the **average** over
-      all those terms (sum / number of terms) so the loss scale does not depend on ``p``, ``k`` or on how many
-      classes took part; multiply by ``C * p * k`` to recover the sum.
-
-    ``k`` is ``min(top_k, q)`` (positives and negatives may overlap when ``q < 2k``). A class whose anchors are
-    ``None`` (empty or too small memory bank) is skipped. When every class is skipped the loss is
-    ``0 * b.sum()``: zero, but still connected to ``b`` so backward (and DDP) see every parameter.
-    The selection of positives/negatives (top-k) is not differentiated; gradients flow through the
-    similarities of the selected pairs, into ``b`` (and into ``a`` when it requires grad).
+    Same result (the first maximal class wins ties); written by hand because on CPU a reduction over the short,
+    strided channel axis of a (B, 2, *S) volume costs more than one V-Net convolution layer (measured in
+    docs/performance.md).
 
     Args:
-        tau: temperature of eq. 14 (default 0.1).
-        top_k: ``k`` of eq. 12-13 (default 256).
+        logits: (B, C, *S) scores.
+
+    Returns:
+        (B, 1, *S) long class map.
     """
-
-    def __init__(self, tau: float = 0.1, top_k: int = 256) -> None:
-        super().__init__()
-        if tau <= 0 or top_k < 1:
-            raise ValueError(f"tau must be > 0 and top_k >= 1, got tau={tau}, top_k={top_k}.")
-        self.tau = float(tau)
-        self.top_k = int(top_k)
-
-    def select(self, anchors: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the positives (eq. 12) and negatives (eq. 13) of one class.
-
-        Args:
-            anchors: (p, d) class anchors ``a^gamma``.
-            features: (q, d) unlabeled features ``b``.
-
-        Returns:
-            ``(pos_idx, neg_idx)``, each (k,) long indices into ``features``.
-        """
-        with torch.no_grad():
-            cos = F.normalize(features.float(), dim=1) @ F.normalize(anchors.float(), dim=1).T  # (q, p), eq. 11
-            score = cos.sum(dim=1)  # sum_i cos(b_j, a_i)
-            k = min(self.top_k, features.shape[0])
-            pos_idx = torch.topk(score, k).indices  # eq. 12
-            neg_idx = torch.topk(anchors.shape[0] - score, k).indices  # eq. 13: sum_i (1 - cos)
-        return pos_idx, neg_idx
-
-    def forward(self, anchors: Sequence[Optional[torch.Tensor]], features: torch.Tensor) -> torch.Tensor:
-        """Compute ``L_cl``.
-
-        Args:
-            anchors: length-C sequence; entry ``gamma`` is (p, d) anchors of class ``gamma`` or None (skipped).
-            features: (q, d) unlabeled CS projected features ``b``.
-
-        Returns:
-            0-d tensor, the mean of eq. 14 over classes, anchors and positives.
-        """
-        b = F.normalize(features.float(), dim=1)
-        total = features.new_zeros((), dtype=torch.float32)
-        count = 0
-        for a in anchors:
-            if a is None or a.shape[0] == 0 or features.shape[0] == 0:
-                continue
-            pos_idx, neg_idx = self.select(a, features)
-            a_n = F.normalize(a.float(), dim=1)
-            pos = a_n @ b[pos_idx].T / self.tau  # (p, k): cos(a_i, b_j) / tau, b_j positive
-            neg = a_n @ b[neg_idx].T / self.tau  # (p, k): cos(a_i, b_n) / tau, b_n negative
-            neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # log sum_n e^{cos(a_i, b_n)/tau}
-            terms = torch.logaddexp(pos, neg_lse) - pos  # eq. 14, numerically stable
-            total = total + terms.sum()
-            count += terms.numel()
-        if count == 0:
-            return features.sum() * 0.0
-        return total / count
+    best = logits[:, :1]
+    index = torch.zeros_like(best, dtype=torch.long)
+    for c in range(1, logits.shape[1]):
+        better = logits[:, c : c + 1] > best
+        index = torch.where(better, torch.full_like(index, c), index)
+        best = torch.where(better, logits[:, c : c + 1], best)
+    return index

@@ -16,6 +16,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from diffcl_algo.utils import is_null
+
 __all__ = [
     "DiffCLHyperParams",
     "TABLE2",
@@ -105,9 +107,9 @@ DEFAULT_HYPERPARAMS = DiffCLHyperParams(
 
 
 def table2_name(dataset_name: str | None) -> str | None:
-    """The Table 2 dataset named by a config value: None for None and the strings ``""``, ``"none"``, ``"null"``
-    (what a command line gives), else the name as given."""
-    if dataset_name is None or str(dataset_name).strip().lower() in ("", "none", "null"):
+    """The Table 2 dataset named by a config value: None for a null value (:func:`~diffcl_algo.utils.is_null`:
+    None, ``""``, ``"none"``, ``"null"``, what a command line gives), else the name as given."""
+    if is_null(dataset_name):
         return None
     return str(dataset_name)
 

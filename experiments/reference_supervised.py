@@ -26,12 +26,12 @@ import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
-from diffcl_algo.checkpoint import atomic_save
+from diffcl_algo.bundle.expressions import as_bool
 from diffcl_algo.data import train_transforms
-from diffcl_algo.data.iteration import derive_seed
 from diffcl_algo.losses import DiceCELoss
 from diffcl_algo.networks import VNet
-from diffcl_algo.training import as_bool
+from diffcl_algo.training.checkpoint import atomic_save
+from diffcl_algo.utils import derive_seed
 
 logger = logging.getLogger("diffcl_algo.reference")
 

@@ -25,15 +25,18 @@ from monai.utils.enums import AlgoKeys
 
 from diffcl_algo.auto3dseg import (
     TEMPLATES_DIR,
+    InferClass,
     analyze_data,
     fill_hyper_parameters,
     fold_split,
     patch_from_shape,
     skip_reason,
+    train,
     training_arguments,
     validate,
 )
 from diffcl_algo.data import DataError, make_synthetic_dataset
+from diffcl_algo.data.writers import write_h5
 from tests.tiny_settings import TINY_TRAIN
 
 SHAPE = (24, 24, 20)
@@ -212,3 +215,42 @@ def test_autorunner(nifti_data: dict[str, str], tmp_path: Path) -> None:
     assert output.name == "img6_ensemble.nii.gz"
     label = np.asarray(nib.load(output).dataobj)
     assert label.shape == SHAPE and set(np.unique(label).tolist()) <= {0, 1}
+
+
+def test_normalize_intensity_reaches_validation_and_inference(nifti_data: dict[str, str], tmp_path: Path) -> None:
+    """A fold trained with ``normalize_intensity: true`` validates and infers on z-scored volumes, as it trained.
+
+    The images are h5 files (the field's format, which no raw-scan normalisation touches) on a raw scale."""
+    root = tmp_path / "raw"
+    datalist = json.loads(Path(nifti_data["datalist"]).read_text())
+    for entry in datalist["training"] + datalist["testing"]:
+        for key in ("image", "label"):
+            if key in entry:
+                data = np.asarray(nib.load(Path(nifti_data["dataroot"]) / entry[key]).dataobj, dtype=np.float32)
+                entry[key] = entry[key].replace(".nii.gz", ".h5")
+                write_h5(root / entry[key], {"image" if key == "image" else "label": data * 40 + 300 if key == "image"
+                                             else data.astype(np.uint8)})  # fmt: skip
+    for entry in datalist["training"]:  # one h5 file per case holds both datasets, as in the field's layout
+        if "label" in entry:
+            with h5py.File(root / entry["label"]) as f:
+                label = f["label"][()]
+            with h5py.File(root / entry["image"], "a") as f:
+                f.create_dataset("label", data=label)
+            entry["label"] = entry["image"]
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    config = ConfigParser.load_config_file(str(TEMPLATES_DIR / "diffcl" / "configs" / "hyper_parameters.yaml"))
+    config.update(bundle_root=str(tmp_path / "algo"), data_file_base_dir=str(root), patch_size=[16, 16, 16],
+                  data_list_file_path=str(root / "datalist.json"), strides=[8, 8, 8],
+                  normalize_intensity=True, **TRAIN_PARAMS)  # fmt: skip
+    config_file = tmp_path / "hyper_parameters.yaml"
+    ConfigParser.export_config_file(config, str(config_file), fmt="yaml")
+
+    summary = train(str(config_file))
+    test_image = {"image": str(root / "img6.h5")}
+    image = InferClass(str(config_file)).preprocessing(test_image)["image"]
+    assert abs(float(image.mean())) < 1e-4 and float(image.std()) == pytest.approx(1.0, abs=1e-3)
+    raw = InferClass(str(config_file), normalize_intensity=False).preprocessing(test_image)["image"]
+    assert float(raw.mean()) > 100  # the value reaches the chain: the check above can fail
+    assert InferClass(str(config_file)).infer(test_image).shape == (2, *SHAPE)
+    validated = validate(str(config_file))
+    assert validated["metrics"]["dice"]["mean"] == pytest.approx(summary["best_metric"])  # the same volumes

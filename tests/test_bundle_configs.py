@@ -8,13 +8,16 @@ graph (one ``network_def``, ``check_settings`` in every workflow); bundle overri
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
 
-from diffcl_algo.bundles import CONFIG_DIR, DATASETS, WORKFLOWS, compose, dataset_values, write_bundles
-from diffcl_algo.training import build_trainer, load_bundle
+from diffcl_algo.bundle.compose import CONFIG_DIR, DATASETS, WORKFLOWS, compose, dataset_values, write_bundles
+from diffcl_algo.bundle.expressions import check_command_line_ids
+from diffcl_algo.bundle.run import build_trainer, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +62,8 @@ def test_one_graph_one_network_and_the_settings_check_in_every_workflow():
     assert defining == [CONFIG_DIR / "train.yaml"]
     ddp = ConfigParser.load_config_files([str(CONFIG_DIR / "train.yaml"), str(CONFIG_DIR / "multi_gpu_train.yaml")])
     for config in [compose(w, "la") for w in WORKFLOWS] + [ddp]:
-        assert config["initialize"][0] == "$check_settings(@patch_size, @val_interval)"
-    assert "init_process_group" in ddp["initialize"][2] and "destroy_process_group" in ddp["finalize"][-1]
+        assert config["initialize"][:2] == ["$check_command_line_ids()", "$check_settings(@patch_size, @val_interval)"]
+    assert "init_process_group" in ddp["initialize"][3] and "destroy_process_group" in ddp["finalize"][-1]
     for dataset in DATASETS:
         for file in (REPO / "bundles" / dataset / "configs").glob("*.yaml"):
             text = file.read_text()
@@ -79,3 +82,35 @@ def test_overrides_are_checked_against_the_bundle_ids(tmp_path):
     parser = load_bundle(REPO / "bundles" / "brats", "inference", n_filters=4, device="auto")
     assert parser["n_filters"] == 4 and parser["patch_size"] == [96, 96, 96]
     assert load_bundle("pancreas", "train")["strides"] == [16, 16, 16]
+
+
+def _stock(tmp_path, *options):
+    """``python -m monai.bundle run training`` on the LA bundle, from an empty folder."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           str(REPO / "bundles/la/configs/train.yaml"), "--dataset_dir", str(tmp_path / "no_data"),
+           "--output_dir", str(tmp_path / "out"), *options]  # fmt: skip
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_stock_command_refuses_an_unknown_id_before_anything_runs(tmp_path):
+    done = _stock(tmp_path, "--num_labled", "4")
+    assert done.returncode != 0
+    assert "unknown option --num_labled" in done.stderr and "did you mean --num_labeled?" in done.stderr
+    assert "does not exist" not in done.stderr  # stopped before the data were looked at
+    assert not (tmp_path / "out").exists()
+
+
+def test_stock_command_accepts_known_ids_and_its_own_options(tmp_path):
+    meta = str(REPO / "bundles/la/configs/metadata.json")
+    done = _stock(tmp_path, "--num_labeled", "4", "--train#trainer#seed=1", "--meta_file", meta)
+    assert done.returncode != 0 and "unknown option" not in done.stderr
+    assert "dataset directory" in done.stderr and "does not exist" in done.stderr  # the next check: the data
+
+
+def test_command_line_check_reads_the_stock_command_only():
+    monai_main = "/env/lib/python3.11/site-packages/monai/bundle/__main__.py"
+    train = str(REPO / "bundles/la/configs/train.yaml")
+    with pytest.raises(ValueError, match="did you mean --n_filters"):
+        check_command_line_ids([monai_main, "run", "training", "--config_file", train, "--n_filter", "4"])
+    check_command_line_ids([monai_main, "run", "training", f"--config_file={train}", "--n_filters=4", "--resume"])
+    check_command_line_ids(["-m", "pytest", "--n_filter", "4"])  # not the stock command: its caller checks

@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from diffcl_algo.data import DataError, make_synthetic_dataset
-from diffcl_algo.training import config_error_cause
+from diffcl_algo.utils import config_error_cause
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "reference" / "model-zoo" / "meta_schema_20240725.json"
@@ -156,14 +156,14 @@ def test_cli_ablation_switches_build_the_ablated_graph(datasets, tmp_path):
     wf = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=2,
                    dataset_name="none", use_cps="false", use_hfm="False", use_cl=False, **SMALL_TRAIN)  # fmt: skip
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert not trainer.use_cps and not trainer.use_cl and trainer.memory_bank is None
+    assert not trainer.use_cps and not trainer.use_cl and trainer.contrastive is None
     from diffcl_algo.schedules import DEFAULT_HYPERPARAMS
 
     assert trainer.hparams.eta == DEFAULT_HYPERPARAMS.eta  # --dataset_name none: no Table 2 row
     assert len(wf.parser.get_parsed_content("network_def").hfm) == 0
     full = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4, **SMALL_TRAIN)
     trainer = full.parser.get_parsed_content("train#trainer")
-    assert trainer.use_cps and trainer.use_cl and trainer.memory_bank is not None
+    assert trainer.use_cps and trainer.use_cl and trainer.contrastive is not None
     assert list(full.parser.get_parsed_content("network_def").hfm) == ["5"]
 
 

@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, atomic_save, load_train_state
+from diffcl_algo.training.checkpoint import ModelSaver, TrainStateSaver, atomic_save, load_train_state
 
 
 class _Unpicklable:
@@ -79,8 +79,8 @@ def test_savers(tmp_path):
     def _metric(engine):
         engine.state.metrics["val_mean_dice"] = next(scores)
 
-    saver = ModelSaver(net, str(tmp_path), metric_name="val_mean_dice")
-    saver.attach(trainer, evaluator)
+    saver = ModelSaver(net, str(tmp_path), metric_name="val_mean_dice", evaluator=evaluator)
+    saver.attach(trainer)
     state_saver = TrainStateSaver(str(tmp_path), interval=2, model_saver=saver, config={"seed": 0})
     state_saver.attach(trainer)
     saved = []

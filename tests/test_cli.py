@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from diffcl_algo.bundles import check_override_ids
-from diffcl_algo.cli import COMMANDS, docstring_args, main, parse_overrides, parse_value
-from diffcl_algo.run_bundle import default_num_threads
+from diffcl_algo.bundle.expressions import check_override_ids
+from diffcl_algo.bundle.run import default_num_threads
+from diffcl_algo.cli import COMMANDS, docstring_args, main
+from diffcl_algo.utils import parse_overrides, parse_value
 
 REPO = Path(__file__).resolve().parents[1]
 LA = "bundles/la/configs"
@@ -168,11 +169,11 @@ def test_default_thread_count(monkeypatch):
 def test_undeclared_options_are_keyword_arguments(monkeypatch):
     """Options a command does not declare go to its **kwargs (package's overrides, prepare's extras), even after
     declared ones, and never fill a positional."""
-    import diffcl_algo.package
+    import diffcl_algo.bundle.package
 
     seen = {}
     monkeypatch.setattr(
-        diffcl_algo.package,
+        diffcl_algo.bundle.package,
         "package",
         lambda bundle, ckpt_path, output, **kw: seen.update(bundle=bundle, ckpt_path=ckpt_path, output=output, **kw),
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_settings import SMALL_TRAIN
+from tiny_settings import SMALL_TRAIN, handler_of
 
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 
@@ -28,17 +28,22 @@ def _worker(rank: int, port: int, data_dir: str, out_dir: str, result_dir: str) 
         RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    from diffcl_algo.checkpoint import unwrap
-    from diffcl_algo.training import build_trainer
+    from diffcl_algo.bundle.run import build_trainer
+    from diffcl_algo.training.checkpoint import unwrap
+    from diffcl_algo.training.handlers import GuardedValidationHandler
 
     trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, val_interval=2, output_dir=out_dir, **SMALL_TRAIN)
     trainer.run()
     trainer.close()
-    result = {"val_mean_dice": torch.tensor(trainer.evaluator.state.metrics["val_mean_dice"])}
-    for name in ("cs_network", "ds_network", "cs_head", "ds_head"):
-        for k, p in unwrap(getattr(trainer, name)).named_parameters():
+    validator = handler_of(trainer, GuardedValidationHandler).validator
+    result = {"val_mean_dice": torch.tensor(validator.state.metrics["val_mean_dice"])}
+    cl = trainer.contrastive
+    modules = {"cs_network": trainer.cs_network, "ds_network": trainer.ds_network, "cs_head": cl.cs_head,
+               "ds_head": cl.ds_head}
+    for name, module in modules.items():
+        for k, p in unwrap(module).named_parameters():
             result[f"{name}.{k}"] = p.detach().clone()
-    for k, b in trainer.memory_bank.state_dict().items():
+    for k, b in cl.memory_bank.state_dict().items():
         result[f"bank.{k}"] = b.clone()
     result["image"] = next(iter(trainer.data_loader))["image"]  # each rank reads its own slice
     torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))

@@ -1,5 +1,5 @@
-"""Tests of diffcl_algo.engine / data.iteration / training: Algorithm 1 iteration, ablation switches, exact resume,
-data flow, TensorBoard tags, and a small overfit run (CPU, tiny synthetic volumes)."""
+"""Tests of diffcl_algo.training.trainer / data.iteration / bundle.run: Algorithm 1 iteration, ablation switches,
+exact resume, data flow, TensorBoard tags, and a small overfit run (CPU, tiny synthetic volumes)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from ignite.engine import Events
 from tiny_settings import SMALL_TRAIN
 
+from diffcl_algo.bundle.run import build_trainer, train
 from diffcl_algo.data.iteration import IterationBatchDataset
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms
-from diffcl_algo.engine import LOSS_KEYS
 from diffcl_algo.networks.hf_mamba import HFMamba
-from diffcl_algo.training import build_trainer, train
+from diffcl_algo.training.trainer import LOSS_KEYS, OUTPUT_KEYS
 
 PATCH = SMALL_TRAIN["patch_size"]
 SMALL = dict(SMALL_TRAIN, val_interval=0)
@@ -38,12 +38,14 @@ def _changed(before, module):
 
 def test_one_iteration_all_terms(data_dir, tmp_path):
     trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), eta=0.5, **SMALL)
-    before = {k: _params(getattr(trainer, k)) for k in ("cs_network", "ds_network", "cs_head")}
-    ds_head_before = _params(trainer.ds_head)
+    cl = trainer.contrastive
+    modules = {"cs_network": trainer.cs_network, "ds_network": trainer.ds_network, "cs_head": cl.cs_head}
+    before = {k: _params(m) for k, m in modules.items()}
+    ds_head_before = _params(cl.ds_head)
     trainer.run()
     trainer.close()
     out = trainer.state.output
-    assert tuple(out) == LOSS_KEYS
+    assert tuple(out) == OUTPUT_KEYS
     assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
     assert all(out[k] > 0 for k in ("loss_sup_cs", "loss_sup_ds", "loss_cps_cs", "loss_cps_ds", "loss_cl"))
     hp = trainer.hparams
@@ -54,9 +56,9 @@ def test_one_iteration_all_terms(data_dir, tmp_path):
     assert out["loss"] == pytest.approx(out["loss_cs"] + out["loss_ds"], rel=1e-5)
     assert out["ramp"] == pytest.approx(2.0 * np.exp(-5.0))  # epoch 0
     for name, params in before.items():
-        assert _changed(params, getattr(trainer, name)), f"{name} was not updated"
-    assert not _changed(ds_head_before, trainer.ds_head)  # L_cl reaches only the CS side (eq. 17, 22)
-    assert int(trainer.memory_bank.count.sum()) > 0
+        assert _changed(params, modules[name]), f"{name} was not updated"
+    assert not _changed(ds_head_before, cl.ds_head)  # L_cl reaches only the CS side (eq. 17, 22)
+    assert int(cl.memory_bank.count.sum()) > 0
     assert any(isinstance(m, HFMamba) for m in trainer.cs_network.modules())
 
 
@@ -91,7 +93,7 @@ def test_ablation_switches(data_dir, tmp_path, use_cps, use_hfm, use_cl):
     assert out["loss_sup_cs"] > 0 and (out["loss_sup_ds"] > 0) == uses_ds
     assert (out["loss_cps_cs"] == 0.0 and out["loss_cps_ds"] == 0.0) == (not use_cps)
     assert (out["loss_cl"] == 0.0) == (not use_cl)
-    assert (trainer.memory_bank is None) == (not use_cl)
+    assert (trainer.contrastive is None) == (not use_cl)
     assert any(isinstance(m, HFMamba) for m in trainer.cs_network.modules()) == use_hfm
     assert _changed(cs_before, trainer.cs_network)
     assert _changed(ds_before, trainer.ds_network) == uses_ds  # the supervised-only row runs one V-Net
@@ -183,8 +185,8 @@ def test_tensorboard_tags_and_log(data_dir, tmp_path):
 def test_overfit_tiny_set(tmp_path):
     from diffcl_algo.data.io import build_datalists
     from diffcl_algo.data.transforms import val_transforms
-    from diffcl_algo.inference import predict_volume
-    from diffcl_algo.metrics import case_metrics
+    from diffcl_algo.evaluation.metrics import case_metrics
+    from diffcl_algo.inference.predict import predict_volume
 
     data = str(make_synthetic_dataset(tmp_path / "la", num_cases=5, shape=(32, 32, 16), seed=1, num_test=1))
     trainer = build_trainer(
@@ -221,7 +223,9 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
         "ds": {"_target_": "diffcl_algo.networks.diffusion_seg.DiffusionSegNet", "n_filters": 4},
         "cs_head": head,
         "ds_head": head,
-        "bank": {"_target_": "diffcl_algo.memory_bank.ClassMemoryBank", "num_classes": 2, "dim": 8, "capacity": 64},
+        "bank": {"_target_": "diffcl_algo.contrastive.ClassMemoryBank", "num_classes": 2, "dim": 8, "capacity": 64},
+        "cl": {"_target_": "diffcl_algo.contrastive.ContrastiveLabelPropagation", "cs_head": "@cs_head",
+               "ds_head": "@ds_head", "memory_bank": "@bank", "num_anchors": 8, "num_unlabeled": 256, "top_k": 16},
         "cs_opt": dict(sgd, params="$list(@cs.parameters()) + list(@cs_head.parameters())"),
         "ds_opt": dict(sgd, params="$list(@ds.parameters()) + list(@ds_head.parameters())"),
         "dataset": {
@@ -233,7 +237,7 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
             "max_iterations": 3,
         },
         "trainer": {
-            "_target_": "diffcl_algo.engine.DiffCLTrainer",
+            "_target_": "diffcl_algo.training.trainer.DiffCLTrainer",
             "device": "cpu",
             "max_iterations": 3,
             "train_data_loader": {"_target_": "diffcl_algo.data.iteration.make_iteration_loader",
@@ -243,14 +247,9 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
             "cs_optimizer": "@cs_opt",
             "ds_optimizer": "@ds_opt",
             "epoch_length": 1,
-            "cs_head": "@cs_head",
-            "ds_head": "@ds_head",
-            "memory_bank": "@bank",
+            "contrastive": "@cl",
             "hyperparams": {"_target_": "diffcl_algo.schedules.table2_params", "dataset_name": "LA", "num_labeled": 8},
-            "cl_num_anchors": 8,
-            "cl_num_unlabeled": 256,
-            "cl_top_k": 16,
-            "handlers": [
+            "train_handlers": [
                 {
                     "_target_": "LrScheduleHandler",
                     "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "optimizer": "@cs_opt",
@@ -268,7 +267,7 @@ def test_bundle_style_config_and_stock_monai_handlers(tmp_path):
     trainer = parser.get_parsed_content("trainer")
     assert trainer.hparams.eta == 0.5  # Table 2 row LA 8/72
     trainer.run()
-    assert trainer.state.iteration == 3 and tuple(trainer.state.output) == LOSS_KEYS
+    assert trainer.state.iteration == 3 and tuple(trainer.state.output) == OUTPUT_KEYS
     assert trainer.cs_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
     assert glob.glob(str(tmp_path / "*.pt"))
 

@@ -1,4 +1,4 @@
-"""Tests of diffcl_algo.evaluation: case naming, SaveImaged naming, CaseMetricsWriter outputs, evaluate()."""
+"""Tests of case naming (diffcl_algo.data.cases), SaveImaged naming and CaseMetricsWriter outputs."""
 
 from __future__ import annotations
 
@@ -11,21 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from evaluator import evaluate
 from monai.data import MetaTensor
 from monai.transforms import SaveImaged
 from torch import nn
 
 from diffcl_algo.data import LA_SPACING, build_datalists, make_synthetic_dataset
-from diffcl_algo.evaluation import (
-    CASE_META_KEY,
-    CaseNamed,
-    case_name,
-    case_name_formatter,
-    eval_preprocessing,
-    evaluate,
-)
-from diffcl_algo.metrics import METRIC_NAMES, case_metrics, volume_diagonal
+from diffcl_algo.data.cases import CASE_META_KEY, CaseNamed, case_name, case_name_formatter
+from diffcl_algo.evaluation.metrics import METRIC_NAMES, case_metrics, volume_diagonal
+from diffcl_algo.inference.chains import eval_preprocessing
 from diffcl_algo.networks import VNet
 
 LA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LA"
@@ -158,30 +152,15 @@ def test_evaluate_tiny_vnet(dataset: Path, tmp_path: Path) -> None:
     assert result["count"] == 1
 
 
-def test_bundle_config_empty_predictions(dataset: Path, tmp_path: Path) -> None:
-    """build_evaluator from a bundle-style config; an all-background network exercises the empty-case values."""
-    config = {
-        "imports": ["$from diffcl_algo.data import build_datalists"],
-        "dataset_dir": str(dataset),
-        "output_dir": str(tmp_path),
-        "network": {"_target_": "torch.nn.Identity"},  # 1 output channel -> argmax is background everywhere
-        "evaluator": {
-            "_target_": "diffcl_algo.evaluation.build_evaluator",
-            "network": "@network",
-            "datalist": "$build_datalists(@dataset_dir, list_name='test.list')[0]",
-            "output_dir": "@output_dir",
-            "patch_size": [16, 16, 16],
-            "strides": [16, 16, 16],
-        },
-        "evaluating": ["$@evaluator.run()", "$@evaluator.state.metrics"],
-    }
-    parser = ConfigParser(config)
-    metrics = parser.get_parsed_content("evaluating")[1]
+def test_empty_predictions(dataset: Path, tmp_path: Path) -> None:
+    """An all-background network exercises the empty-case values of the metric files and engine metrics."""
+    datalist = build_datalists(dataset, list_name="test.list")[0]
+    evaluate(nn.Identity(), datalist, tmp_path, PATCH, (16, 16, 16))  # 1 output channel: argmax is background
     summary = json.loads((tmp_path / "metrics_summary.json").read_text())
-    case = build_datalists(dataset, list_name="test.list")[0][0]["case"]
-    assert summary["empty_prediction"] == [case] and summary["empty_label"] == []
+    assert summary["empty_prediction"] == [datalist[0]["case"]] and summary["empty_label"] == []
     diagonal = volume_diagonal(SHAPE)
-    assert metrics == {"dice": 0.0, "jaccard": 0.0, "hd95": diagonal, "asd": diagonal}
+    means = {name: stat["mean"] for name, stat in summary["metrics"].items()}
+    assert means == {"dice": 0.0, "jaccard": 0.0, "hd95": diagonal, "asd": diagonal}
 
 
 def test_duplicate_case_names_raise(dataset: Path, tmp_path: Path) -> None:
@@ -189,11 +168,6 @@ def test_duplicate_case_names_raise(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="occurs twice"):
         evaluate(ThresholdNet(), [entry, dict(entry)], tmp_path, PATCH, STRIDES)
     assert not (tmp_path / "metrics.csv").exists()
-
-
-def test_empty_datalist_raises(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="empty"):
-        evaluate(ThresholdNet(), [], tmp_path, PATCH, STRIDES)
 
 
 @pytest.mark.skipif(not LA_DIR.is_dir(), reason="real LA data not available")

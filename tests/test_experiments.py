@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffcl_algo.data.synthetic import make_synthetic_dataset
-from diffcl_algo.engine import class_argmax
+from diffcl_algo.losses import class_argmax
 from diffcl_algo.networks import VNet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffcl_algo.inference import DiffCLSlidingWindowInferer, predict_volume, stride_to_overlap
+from diffcl_algo.inference.inferer import DiffCLSlidingWindowInferer, stride_to_overlap
+from diffcl_algo.inference.predict import predict_volume
 
 
 def _field_windows(size, patch, stride):

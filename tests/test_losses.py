@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcl_algo.losses import ContrastiveLabelPropagationLoss, DiceCELoss
+from diffcl_algo.contrastive import ContrastiveLabelPropagationLoss
+from diffcl_algo.losses import DiceCELoss
 
 
 def _soft_dice(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""Tests of diffcl_algo.memory_bank: FIFO order, capacity, sampling, state_dict round trip."""
+"""Tests of diffcl_algo.contrastive: FIFO order, capacity, sampling, state_dict round trip."""
 
 from __future__ import annotations
 
 import torch
 
-from diffcl_algo.memory_bank import ClassMemoryBank, all_gather_variable
+from diffcl_algo.contrastive import ClassMemoryBank, all_gather_variable
 
 
 def test_fifo_and_capacity():

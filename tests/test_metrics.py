@@ -1,4 +1,4 @@
-"""Tests of diffcl_algo.metrics / diffcl_algo.handlers against medpy.metric.binary (the test-only oracle)."""
+"""Tests of diffcl_algo.evaluation.metrics / .handlers against medpy.metric.binary (the test-only oracle)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage as ndi
 
-from diffcl_algo import metrics
-from diffcl_algo.metrics import (
+from diffcl_algo.evaluation import metrics
+from diffcl_algo.evaluation.metrics import (
     BOTH_EMPTY_VALUES,
     METRIC_NAMES,
     ONE_EMPTY_OVERLAP,
@@ -290,7 +290,10 @@ def test_handlers_with_ignite_engine(name):
 
     metric_key = {"MedpyDice": "dice", "MedpyJaccard": "jaccard", "MedpyHD95": "hd95", "MedpyASD": "asd"}[name]
     spacing = (0.5, 1.0, 1.5)
-    config = {"_target_": f"diffcl_algo.handlers.{name}", "output_transform": "$lambda x: (x['pred'], x['label'])"}
+    config = {
+        "_target_": f"diffcl_algo.evaluation.handlers.{name}",
+        "output_transform": "$lambda x: (x['pred'], x['label'])",
+    }
     if metric_key in ("hd95", "asd"):
         config["spacing"] = list(spacing)
     handler = ConfigParser({"handler": config}).get_parsed_content("handler")
@@ -311,7 +314,7 @@ def test_handlers_with_ignite_engine(name):
 
 
 def test_handler_rejects_all():
-    from diffcl_algo.handlers import MedpyMetricHandler
+    from diffcl_algo.evaluation.handlers import MedpyMetricHandler
 
     with pytest.raises(ValueError, match="metric_name"):
         MedpyMetricHandler("all")

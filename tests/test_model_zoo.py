@@ -24,9 +24,9 @@ import torch
 import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
+from diffcl_algo.bundle.package import file_md5, package
 from diffcl_algo.data import make_synthetic_dataset
 from diffcl_algo.networks import Mamba, VNet
-from diffcl_algo.package import file_md5, package
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "reference" / "model-zoo" / "meta_schema_20240725.json"

@@ -32,7 +32,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from diffcl_algo.inference import predict_volume
+from diffcl_algo.inference.predict import predict_volume
 from integrations.monailabel.diffcl_monailabel import guards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,9 @@ import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
 
-from diffcl_algo.progress import CaseProgress, IterationProgressBar, ValidationLog, foreground_dice
+from diffcl_algo.evaluation.handlers import CaseProgress
+from diffcl_algo.evaluation.metrics import foreground_dice, foreground_mask
+from diffcl_algo.training.handlers import IterationProgressBar, ValidationReport
 
 
 def _mask(*on: int) -> torch.Tensor:
@@ -21,8 +23,9 @@ def _mask(*on: int) -> torch.Tensor:
 def test_foreground_dice():
     assert foreground_dice(_mask(0, 1), _mask(1, 2)) == 0.5
     assert foreground_dice(_mask(), _mask()) == 1.0
-    one_hot = torch.cat([1 - _mask(0, 1), _mask(0, 1)])
-    assert foreground_dice(one_hot, _mask(0, 1)) == 1.0
+    one_hot = torch.cat([1 - _mask(0, 1), _mask(0, 1)])  # a 2-channel one-hot map: its foreground is channel 1
+    assert foreground_dice(foreground_mask(one_hot[None]), foreground_mask(_mask(0, 1)[None])) == 1.0
+    assert foreground_dice(torch.tensor([[0, 1], [1, 1]]), torch.tensor([[0, 1], [0, 0]])) == 0.5  # class maps
 
 
 def test_training_bar_counts_the_whole_run(capsys):
@@ -64,7 +67,8 @@ def test_validation_log_names_iteration_and_epoch(caplog):
     trainer.state.iteration, trainer.state.epoch_length = 256, 32
     evaluator = Engine(lambda e, b: None)
     evaluator.state.key_metric_name = "val_mean_dice"
-    log = ValidationLog(trainer)
+    log = ValidationReport(evaluator)
+    log.attach(trainer)
     evaluator.state.metrics = {"val_mean_dice": 0.8123, "val_hd95": 3.5}
     with caplog.at_level(logging.INFO, logger="diffcl_algo.validation"):
         log(evaluator)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from tiny_settings import TINY_TRAIN
 
+from diffcl_algo.bundle.run import train
 from diffcl_algo.data import DataError, make_synthetic_dataset, validate_cases
-from diffcl_algo.training import train
 
 TINY = TINY_TRAIN
 SHAPE = (20, 20, 18)
@@ -107,7 +107,7 @@ def test_bad_data_stops_train_before_any_step(kind, tmp_path, monkeypatch):
     root = _dataset(tmp_path)
     dataset_dir = BAD_DATA[kind][0](root)
     steps = []
-    monkeypatch.setattr("diffcl_algo.engine.DiffCLTrainer._iteration", lambda *a: steps.append(a))
+    monkeypatch.setattr("diffcl_algo.training.trainer.DiffCLTrainer._iteration", lambda *a: steps.append(a))
     out = tmp_path / "run"
     with pytest.raises(DataError) as info:
         train(dataset_dir=str(dataset_dir), output_dir=str(out), **TINY)

@@ -12,10 +12,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from evaluator import evaluate
 from torch import nn
 
-from diffcl_algo.evaluation import METRICS_CSV, SUMMARY_JSON, evaluate
-from diffcl_algo.metrics import BOTH_EMPTY_VALUES, METRIC_NAMES, volume_diagonal
+from diffcl_algo.evaluation.handlers import METRICS_CSV, SUMMARY_JSON
+from diffcl_algo.evaluation.metrics import BOTH_EMPTY_VALUES, METRIC_NAMES, volume_diagonal
 
 SHAPE = (16, 16, 16)
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from tiny_settings import TINY_TRAIN
 
-from diffcl_algo.checkpoint import atomic_save, load_train_state, resume
 from diffcl_algo.data import make_synthetic_dataset
+from diffcl_algo.training.checkpoint import TrainStateLoader, atomic_save, load_train_state
 
 TRAIN = (
     "import json, sys, torch; torch.set_num_threads(1); "
-    "from diffcl_algo.training import train; train(**json.loads(sys.argv[1]))"
+    "from diffcl_algo.bundle.run import train; train(**json.loads(sys.argv[1]))"
 )
 TINY = dict(  # HF-Mamba on (it needs 32 voxels along one axis), so the resume covers its Mamba state too
     TINY_TRAIN,
@@ -107,7 +107,7 @@ def _write_state(path: Path, iteration: int) -> None:
 
 KILL_MID_WRITE = """
 import io, os, signal, sys, torch
-from diffcl_algo.checkpoint import atomic_save
+from diffcl_algo.training.checkpoint import atomic_save
 real_save = torch.save
 
 def half_then_die(obj, f, *args, **kwargs):
@@ -135,14 +135,16 @@ def test_sigkill_during_checkpoint_write_keeps_previous_train_state(tmp_path):
     with pytest.raises(RuntimeError):  # truncated zip archive
         torch.load(leftovers[0], weights_only=True)
     assert load_train_state(path)["iteration"] == 2  # resume reads the intact previous state, never the temporary
-    assert resume(_Recorder(), path)["iteration"] == 2
+    recorder = _Recorder()
+    TrainStateLoader(path).attach(recorder)
+    assert recorder.state["iteration"] == 2
     _write_state(path, iteration=6)  # the next successful save removes the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]
     assert load_train_state(path)["iteration"] == 6
 
 
 class _Recorder:
-    """Stands in for a trainer: records what ``resume`` loads into it."""
+    """Stands in for a trainer: records what ``TrainStateLoader`` loads into it."""
 
     def load_train_state(self, state: dict) -> None:
         self.state = state

@@ -12,8 +12,8 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 
-from diffcl_algo.checkpoint import TRAIN_STATE_KEYS, load_train_state, resume
 from diffcl_algo.networks import VNet
+from diffcl_algo.training.checkpoint import TRAIN_STATE_KEYS, TrainStateLoader, load_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_malicious_train_state_is_refused(tmp_path):
         load_train_state(path)
     assert "Weights only load failed" in str(info.value)
     with pytest.raises(RuntimeError, match="unreadable"):
-        resume(None, path)  # the resume path (build_trainer(resume=...)) reads through load_train_state
+        TrainStateLoader(path).attach(None)  # the resume path (--resume) reads through load_train_state
     assert not marker.exists(), "the payload was executed"
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.handlers import ValidationHandler
-from tiny_settings import TINY_TRAIN
+from tiny_settings import TINY_TRAIN, handler_of
 
-from diffcl_algo.checkpoint import load_train_state
+from diffcl_algo.bundle.run import build_trainer
 from diffcl_algo.data import make_synthetic_dataset
-from diffcl_algo.handlers import GuardedValidationHandler
-from diffcl_algo.training import build_trainer
+from diffcl_algo.training.checkpoint import ModelSaver, load_train_state
+from diffcl_algo.training.handlers import GuardedValidationHandler
 
 TINY = dict(TINY_TRAIN, max_iterations=6, val_interval=2, ckpt_interval=2)
 VAL_CASES = ["synth_la_004", "synth_la_005"]  # make_synthetic_dataset's test list (num_test=2)
@@ -38,8 +38,8 @@ def _guarded_trainer(data_dir: Path, out: Path, val_error: str):
     assert len(found) == 1 and isinstance(found[0], GuardedValidationHandler)
     assert found[0].val_error == val_error
     saves = []
-    save = trainer.model_saver.save
-    trainer.model_saver.save = lambda: (saves.append(trainer.state.iteration), save())
+    save = handler_of(trainer, ModelSaver).save
+    handler_of(trainer, ModelSaver).save = lambda: (saves.append(trainer.state.iteration), save())
     return trainer, saves
 
 
@@ -59,8 +59,9 @@ def _fail_in_round(evaluator, round_index: int, case_index: int) -> list[int]:
 def test_continue_skips_the_failed_round(data_dir, tmp_path, caplog):
     out = tmp_path / "run"
     trainer, saves = _guarded_trainer(data_dir, out, "continue")
-    rounds = _fail_in_round(trainer.evaluator, round_index=2, case_index=1)  # 2nd case of the round at iteration 4
-    with caplog.at_level(logging.ERROR, logger="diffcl_algo.handlers"):
+    validator = handler_of(trainer, GuardedValidationHandler).validator
+    rounds = _fail_in_round(validator, round_index=2, case_index=1)  # 2nd case of the round at iteration 4
+    with caplog.at_level(logging.ERROR, logger="diffcl_algo.training.handlers"):
         trainer.run()
     trainer.close()
     assert trainer.state.iteration == 6 and len(rounds) == 3  # training and the later round went on
@@ -69,14 +70,14 @@ def test_continue_skips_the_failed_round(data_dir, tmp_path, caplog):
     assert expected in caplog.text and "round skipped, training continues" in caplog.text
     assert expected in (out / "train.log").read_text()
     assert 4 not in saves  # the partial metrics of the failed round were never compared with the best
-    assert saves[0] == 2 and trainer.model_saver.best_iteration in (2, 6)
-    assert load_train_state(out / "train_state.pt")["best_iteration"] == trainer.model_saver.best_iteration
+    assert saves[0] == 2 and handler_of(trainer, ModelSaver).best_iteration in (2, 6)
+    assert load_train_state(out / "train_state.pt")["best_iteration"] == handler_of(trainer, ModelSaver).best_iteration
 
 
 def test_raise_stops_training_and_keeps_the_best_model(data_dir, tmp_path):
     out = tmp_path / "run"
     trainer, saves = _guarded_trainer(data_dir, out, "raise")
-    _fail_in_round(trainer.evaluator, round_index=2, case_index=0)
+    _fail_in_round(handler_of(trainer, GuardedValidationHandler).validator, round_index=2, case_index=0)
     with pytest.raises(RuntimeError, match=rf"Validation at iteration 4 failed on case\(s\) \['{VAL_CASES[0]}'\]"):
         trainer.run()
     trainer.close()
@@ -96,13 +97,13 @@ def test_corrupt_validation_file_found_during_training(data_dir, tmp_path, caplo
     bad = Path(data_dir) / "2018LA_Seg_Training Set" / VAL_CASES[1] / "mri_norm2.h5"
     good = bad.read_bytes()
     bad.write_bytes(good[:300])  # after build_trainer's up-front check (data#check) passed
-    with caplog.at_level(logging.ERROR, logger="diffcl_algo.handlers"):
+    with caplog.at_level(logging.ERROR, logger="diffcl_algo.training.handlers"):
         trainer.run()
     trainer.close()
     for iteration in (2, 4, 6):
         assert f"Validation at iteration {iteration} failed on case(s) ['{VAL_CASES[1]}']" in caplog.text
     assert "<- caused by OSError: Unable to synchronously open file (truncated file" in caplog.text
-    assert saves == [6] and trainer.model_saver.best_iteration == -1
+    assert saves == [6] and handler_of(trainer, ModelSaver).best_iteration == -1
 
     bad.write_bytes(good)  # restore it for the up-front check of the next build, then break it again
     trainer, _ = _guarded_trainer(data_dir, tmp_path / "run2", "raise")

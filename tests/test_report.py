@@ -11,14 +11,14 @@ import fire
 import numpy as np
 import pytest
 import torch
+from evaluator import evaluate
 from PIL import Image
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from diffcl_algo.data import build_datalists, make_synthetic_dataset
-from diffcl_algo.evaluation import evaluate
-from diffcl_algo.metrics import METRIC_NAMES
-from diffcl_algo.report import format_mean_std, load_scalars, report
+from diffcl_algo.evaluation.metrics import METRIC_NAMES
+from diffcl_algo.evaluation.report import format_mean_std, load_scalars, report
 
 LOSS_TAGS = [
     "loss_sup_cs",

@@ -20,10 +20,10 @@ from monai.data import MetaTensor
 from monai.transforms import Spacing
 from scipy.ndimage import gaussian_filter
 
+from diffcl_algo.bundle.run import load_bundle, run_workflow
 from diffcl_algo.data import ScanNormalized, make_synthetic_dataset
-from diffcl_algo.inference import predict_volume
-from diffcl_algo.scans import check_roi, scan_preprocessing
-from diffcl_algo.training import load_bundle, run_workflow
+from diffcl_algo.inference.chains import check_roi, scan_preprocessing
+from diffcl_algo.inference.predict import predict_volume
 
 SHAPE = (40, 36, 20)
 SPACING = 0.625

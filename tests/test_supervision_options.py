@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from tiny_settings import SMALL_TRAIN
 
+from diffcl_algo.bundle.run import build_trainer
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms, val_transforms
 from diffcl_algo.losses import DiceCELoss
 from diffcl_algo.networks import VNet
-from diffcl_algo.training import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 LA = REPO / "bundles" / "la" / "configs"

@@ -36,3 +36,10 @@ TINY_TRAIN = dict(
     val_interval=0,
     ckpt_interval=1,
 )
+
+
+def handler_of(trainer, kind):
+    """The trainer's handler of type ``kind`` (the bundle graph's ``train#handlers`` attach exactly one of each)."""
+    found = [h for h in trainer.train_handlers if isinstance(h, kind)]
+    assert len(found) == 1, f"{len(found)} handlers of type {kind.__name__}"
+    return found[0]

@@ -16,13 +16,12 @@ from diffcl_algo.auto3dseg.config import (
     skip_reason,
     template_values,
 )
-from diffcl_algo.auto3dseg.runner import InferClass, cs_network, fold_split, train, training_arguments, validate
+from diffcl_algo.auto3dseg.runner import InferClass, fold_split, train, trained_values, training_arguments, validate
 
 __all__ = [
     "TEMPLATES_DIR",
     "InferClass",
     "analyze_data",
-    "cs_network",
     "fill_hyper_parameters",
     "fold_split",
     "labeled_datalist",
@@ -31,6 +30,7 @@ __all__ = [
     "skip_reason",
     "template_values",
     "train",
+    "trained_values",
     "training_arguments",
     "validate",
 ]

@@ -21,6 +21,8 @@ from monai.apps.auto3dseg import DataAnalyzer
 from monai.bundle import ConfigParser
 from monai.config import PathLike
 
+from diffcl_algo.networks.vnet import DOWNSAMPLING_FACTOR
+
 __all__ = [
     "TEMPLATES_DIR",
     "TEMPLATE_KEYS",
@@ -50,9 +52,6 @@ TEMPLATE_KEYS = (
     "validate",
 )
 """Keys of ``hyper_parameters.yaml`` that are not ids of the training graph (``build_trainer`` overrides)."""
-
-PATCH_FACTOR = 16
-"""The V-Net halves the patch 4 times (``diffcl_algo.training.check_settings``)."""
 
 
 def labeled_datalist(datalist: Union[PathLike, Mapping[str, Any]], key: str = "training") -> dict[str, Any]:
@@ -85,7 +84,9 @@ def analyze_data(
     return analyzer.get_all_case_stats()
 
 
-def patch_from_shape(max_shape: Sequence[float], patch_size: Sequence[int], factor: int = PATCH_FACTOR) -> list[int]:
+def patch_from_shape(
+    max_shape: Sequence[float], patch_size: Sequence[int], factor: int = DOWNSAMPLING_FACTOR
+) -> list[int]:
     """``patch_size`` with each axis clipped to the largest image, rounded down to a multiple of ``factor``.
 
     Axes of images smaller than ``factor`` get ``factor`` (the training transforms pad the volume).

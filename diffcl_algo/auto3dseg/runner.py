@@ -4,14 +4,17 @@
   whose ``fold`` is the algo's fold; training = every other labeled entry (labeled loader) and every entry without
   ``label``, whatever its fold (unlabeled loader).
 * :func:`train` (``scripts/train.py run``): writes that split as ``<ckpt_path>/datalist.json`` and runs
-  ``diffcl_algo.training.train`` (the package's graph ``diffcl_algo/configs/train.yaml``, the one every bundle is
+  ``diffcl_algo.bundle.run.train`` (the package's graph ``diffcl_algo/configs/train.yaml``, the one every bundle is
   written from) with the config's values as overrides, then
   writes ``<ckpt_path>/progress.yaml``, whose last entry's ``best_avg_dice_score`` (the best validation mean Dice
   of the run, as ``model.pt``) is what ``BundleAlgo.get_score`` reads.
-* :func:`validate` (``scripts/validate.py run``): ``model.pt`` on the fold's validation cases
-  (``diffcl_algo.evaluation.evaluate``).
+* :func:`validate` (``scripts/validate.py run``): ``model.pt`` on the fold's validation cases, by the graph's
+  ``evaluate`` workflow (the bundles' ``python -m monai.bundle run evaluating``).
 * :class:`InferClass` (``scripts/infer.py``, ``BundleAlgo.predict``, the AutoRunner ensemble): CS-only
-  sliding-window prediction (``diffcl_algo.inference.predict_volume``) of one image.
+  sliding-window prediction of one image with the graph's ``inference`` chains (the bundles' ``inferring``).
+
+Validation and inference take the graph's values of the fold's run from ``<ckpt_path>/training_arguments.yaml`` (the
+network, patch and stride, the intensity normalisation, ...), so they see the volumes as training did.
 """
 
 from __future__ import annotations
@@ -21,28 +24,25 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import yaml
 from monai.config import PathLike
 from monai.data import MetaTensor, load_decathlon_datalist
-from monai.transforms import Compose
-from torch import nn
 
 from diffcl_algo.auto3dseg.config import TEMPLATE_KEYS, load_config
-from diffcl_algo.data import DataError, decathlon_datalists, val_transforms
+from diffcl_algo.bundle.run import load_bundle, run_workflow
+from diffcl_algo.bundle.run import train as run_training
+from diffcl_algo.data.io import DataError, decathlon_datalists
 from diffcl_algo.data.writers import write_text
-from diffcl_algo.evaluation import CaseNamed, eval_postprocessing, evaluate
-from diffcl_algo.inference import predict_volume
-from diffcl_algo.training import load_bundle
-from diffcl_algo.training import train as run_training
+from diffcl_algo.evaluation.handlers import SUMMARY_JSON
+from diffcl_algo.inference.chains import scan_postprocessing
+from diffcl_algo.utils import is_main_process
 
 __all__ = [
     "PROGRESS_FILE",
     "fold_split",
     "training_arguments",
-    "trained_config",
+    "trained_values",
     "train",
-    "cs_network",
     "validate",
     "InferClass",
 ]
@@ -52,22 +52,6 @@ PROGRESS_FILE = "progress.yaml"
 
 TRAINING_RECORD = "training_arguments.yaml"
 """Written in ``ckpt_path``: the graph overrides of the run (config and ``train_params`` overrides)."""
-
-NETWORK_KEYS = (
-    "in_channels",
-    "num_classes",
-    "n_filters",
-    "norm",
-    "use_hfm",
-    "hfm_stages",
-    "hf",
-    "dataset_name",
-    "num_labeled",
-)
-"""Config values that define the CS network (``network_def`` of the package's graph)."""
-
-RECORDED_KEYS = (*NETWORK_KEYS, "patch_size", "strides")
-"""What validation and inference take from the training record unless overridden."""
 
 ConfigFiles = Union[PathLike, Sequence[PathLike]]
 
@@ -120,10 +104,6 @@ def training_arguments(config: Mapping[str, Any], training: Sequence[Mapping[str
     return kwargs
 
 
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def train(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
     """Train one fold (``scripts/train.py run --config_file <configs> [--key value ...]``).
 
@@ -144,7 +124,7 @@ def train(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
     summary = run_training(None, dataset_dir=None, datalist=str(datalist), output_dir=str(out), **kwargs)
     if summary["best_metric"] is None:
         raise RuntimeError(f"Training of {out} ran no validation: no score.")
-    if _is_main():
+    if is_main_process():
         progress = {
             "best_avg_dice_score": float(summary["best_metric"]),
             "best_iteration": int(summary["best_iteration"]),
@@ -156,50 +136,39 @@ def train(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
     return summary
 
 
-def cs_network(config: Mapping[str, Any]) -> nn.Module:
-    """The CS network of the config: ``network_def`` of the package's graph with the config's network values."""
-    graph = load_bundle(None, "inference", **{k: config[k] for k in NETWORK_KEYS if k in config})
-    return graph.get_parsed_content("network_def")
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def trained_config(config: Mapping[str, Any], override: Mapping[str, Any] = ()) -> dict[str, Any]:
-    """``config`` with the network, patch and stride values the run used (``<ckpt_path>/training_arguments.yaml``,
-    which holds the training overrides too), except those in ``override``."""
+def trained_values(config: Mapping[str, Any], override: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The graph ids of the fold's run: the config's (without template keys), replaced by what training was given
+    (``<ckpt_path>/training_arguments.yaml``: network, patch, stride, normalisation, ...) except the ids in
+    ``override``."""
     path = Path(config["ckpt_path"]) / TRAINING_RECORD
     record = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    keys = set(RECORDED_KEYS) - set(override)
-    return {**config, **{k: v for k, v in record.items() if k in keys}}
-
-
-def _trained_network(config: Mapping[str, Any], device: torch.device) -> nn.Module:
-    """``cs_network`` with ``<ckpt_path>/model.pt``, on ``device``, in eval mode."""
-    net = cs_network(config)
-    path = Path(config["ckpt_path"]) / "model.pt"
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return net.to(device).eval()
+    values = {k: v for k, v in config.items() if k not in TEMPLATE_KEYS}
+    values.update({k: v for k, v in record.items() if k not in set(override) | set(TEMPLATE_KEYS)})
+    return values
 
 
 def validate(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
-    """``model.pt`` on the fold's validation cases (``scripts/validate.py run``); predictions and metrics go to
-    ``validate#output_path``.
+    """``model.pt`` on the fold's validation cases (``scripts/validate.py run``) by the graph's ``evaluate``
+    workflow; predictions and metrics go to ``validate#output_path``.
 
     Returns:
-        ``diffcl_algo.evaluation.evaluate``'s summary (mean Dice, Jaccard, 95HD, ASD).
+        The evaluation's ``metrics_summary.json`` (mean Dice, Jaccard, 95HD, ASD) plus ``"output_dir"``.
     """
-    config = trained_config(load_config(config_file, override), override)
+    config = load_config(config_file, override)
+    run_dir, out = Path(config["ckpt_path"]), Path(config["validate"]["output_path"])
     _, validation = fold_split(config["data_list_file_path"], config["data_file_base_dir"], config["fold"])
-    device = _device(str(config["device"]))
-    net = _trained_network(config, device)
-    out = config["validate"]["output_path"]
-    return evaluate(net, validation, out, config["patch_size"], config["strides"], device=device)
+    datalist = out / "datalist.json"
+    write_text(datalist, json.dumps({"validation": validation}, indent=1))
+    values = {**trained_values(config, override), "dataset_dir": None, "datalist": str(datalist)}
+    run_workflow(None, "evaluate", **values, eval_list="validation", ckpt_path=str(run_dir / "model.pt"),
+                 output_dir=str(out))
+    return {**json.loads((out / SUMMARY_JSON).read_text()), "output_dir": str(out)}
 
 
 class InferClass:
-    """CS-only sliding-window inference of a trained fold (the class ``BundleAlgo.get_inferer`` loads).
+    """CS-only sliding-window inference of a trained fold (the class ``BundleAlgo.get_inferer`` loads), with the
+    graph's ``inference`` chains: ``preprocessing`` (loading, the training's intensity normalisation, orientation),
+    ``inferer``, and ``Invertd`` back to the image's grid.
 
     Args:
         config_file: the algo's configs.
@@ -208,15 +177,20 @@ class InferClass:
     """
 
     def __init__(self, config_file: ConfigFiles, **override: Any) -> None:
-        config = trained_config(load_config(config_file, override, known_only=True), override)
-        self.device = _device(str(config["device"]))
-        self.network = _trained_network(config, self.device)
-        self.patch_size, self.strides = config["patch_size"], config["strides"]
-        self.sw_batch_size = int(config["sw_batch_size"])
+        config = load_config(config_file, override, known_only=True)
         self.save_mask = bool(config["infer"]["save_mask"])
         self.output_path = config["infer"]["output_path"]
-        self.preprocessing = Compose([val_transforms(labeled=False), CaseNamed("image")])
-        self.postprocessing = eval_postprocessing(self.output_path)
+        values = {**trained_values(config, override), "dataset_dir": None, "output_dir": self.output_path}
+        graph = load_bundle(None, "inference", **values)
+        self.device = graph.get_parsed_content("device")
+        self.network = graph.get_parsed_content("network")
+        path = Path(config["ckpt_path"]) / "model.pt"
+        self.network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.network.eval()
+        self.inferer = graph.get_parsed_content("inferer")
+        self.preprocessing = graph.get_parsed_content("preprocessing")
+        self.postprocessing = graph.get_parsed_content("postprocessing")
+        self.probabilities = scan_postprocessing(self.preprocessing, None, argmax=False)
         try:
             self.infer_files = load_decathlon_datalist(
                 config["data_list_file_path"], False, config["infer"]["data_list_key"], config["data_file_base_dir"]
@@ -231,21 +205,17 @@ class InferClass:
         Args:
             image_file: the image.
             save_mask: None: the config's ``infer#save_mask``. False: return the averaged softmax probabilities
-                (C, *S) (what the AutoRunner ensemble averages). True: write ``<infer#output_path>/<case>.nii.gz``
-                and return the label map (1, *S).
+                (C, *S) on the image's grid (what the AutoRunner ensemble averages). True: write
+                ``<infer#output_path>/<case>.nii.gz`` and return the label map (1, *S).
 
         Returns:
             A MetaTensor with the image's affine and metadata (``saved_to`` when written).
         """
         data = dict(image_file) if isinstance(image_file, Mapping) else {"image": str(image_file)}
-        data = self.preprocessing({k: v for k, v in data.items() if k != "label"})
-        image = data["image"]
-        probs = predict_volume(self.network, image, self.patch_size, self.strides, self.sw_batch_size, self.device)
-        pred = MetaTensor(probs[0].cpu(), meta=image.meta)
-        if not (self.save_mask if save_mask is None else save_mask):
-            return pred
-        return self.postprocessing({"pred": pred})["pred"]
-
+        item = self.preprocessing({k: v for k, v in data.items() if k != "label"})
+        item["pred"] = self.inferer(item["image"][None].to(self.device), self.network)[0].cpu()
+        save = self.save_mask if save_mask is None else save_mask
+        return (self.postprocessing if save else self.probabilities)(item)["pred"]
     def infer_all(self) -> list[str]:
         """Write the label map of every ``infer#data_list_key`` image; returns the written paths."""
         return [str(self.infer(f, save_mask=True).meta["saved_to"]) for f in self.infer_files]

@@ -4,8 +4,8 @@
   global iteration ``i``; the sampler yields ``range(start_iteration, max_iterations)``. Case indices come from
   per-pass permutations seeded by ``(seed, stream, pass)`` and each sample's augmentation is re-seeded from
   ``(seed, iteration, slot)``, so any batch is a pure function of ``(seed, iteration)``.
-* ``derive_seed``: the seeds of every random stream of an iteration (the trainer's timesteps, noise and sampling
-  draw from ``derive_seed(seed, stream, iteration, rank)`` too), so resuming needs only the iteration counter.
+* seeds come from :func:`diffcl_algo.utils.derive_seed` with the streams of :class:`~diffcl_algo.utils.SeedStream`
+  (the trainer's timesteps, noise and sampling draw from them too), so resuming needs only the iteration counter.
 
 MONAI and PyTorch have no sampler that restarts a run mid-epoch at a given iteration with the same batches, so
 this is written here.
@@ -17,29 +17,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.transforms import Randomizable
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffcl_algo.data.transforms import HIDDEN_LABEL
+from diffcl_algo.utils import SeedStream, derive_seed, rank_world
 
-__all__ = ["derive_seed", "rank_world", "IterationBatchDataset", "IterationSampler", "make_iteration_loader"]
-
-# stream ids of derive_seed, so different uses of the same (seed, iteration) never share a random state
-_LABELED_STREAM, _UNLABELED_STREAM, _AUGMENT, _GLOBAL_RNG, _GENERATOR = range(5)
-
-
-def rank_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of ``torch.distributed``, ``(0, 1)`` when it is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def derive_seed(*keys: int) -> int:
-    """A 32-bit seed that is a pure function of non-negative integer ``keys`` (``numpy.random.SeedSequence``)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint32)[0])
+__all__ = ["IterationBatchDataset", "IterationSampler", "make_iteration_loader"]
 
 
 class IterationBatchDataset(Dataset):
@@ -51,7 +36,7 @@ class IterationBatchDataset(Dataset):
     takes the slice ``[r * b, (r + 1) * b)`` of them. Every pass visits every case once; batches are always full.
 
     Augmentation: before transforming sample ``slot`` (global position in the iteration's batch) the
-    transform's random state is reset with ``set_random_state(derive_seed(seed, 2, i, slot))`` (MONAI
+    transform's random state is reset with ``set_random_state(derive_seed(seed, SeedStream.AUGMENT, i, slot))`` (MONAI
     ``Randomizable``; ``Compose`` propagates it), so a sample's augmentation does not depend on the worker,
     on the order of ``__getitem__`` calls, or on previous iterations.
 
@@ -121,13 +106,13 @@ class IterationBatchDataset(Dataset):
 
     def case_indices(self, iteration: int) -> tuple[list[int], list[int]]:
         """``(labeled, unlabeled)`` case indices of this rank's batch at global ``iteration``."""
-        lab = self._stream(_LABELED_STREAM, len(self.labeled), self.labeled_batch_size, iteration)
-        unl = self._stream(_UNLABELED_STREAM, len(self.unlabeled), self.unlabeled_batch_size, iteration)
+        lab = self._stream(SeedStream.LABELED, len(self.labeled), self.labeled_batch_size, iteration)
+        unl = self._stream(SeedStream.UNLABELED, len(self.unlabeled), self.unlabeled_batch_size, iteration)
         return lab, unl
 
     def _apply(self, transform: Callable[[dict], Any], item: Mapping[str, Any], iteration: int, slot: int) -> dict:
         if isinstance(transform, Randomizable):
-            transform.set_random_state(seed=derive_seed(self.seed, _AUGMENT, iteration, slot))
+            transform.set_random_state(seed=derive_seed(self.seed, SeedStream.AUGMENT, iteration, slot))
         out = transform(dict(item))
         if isinstance(out, (list, tuple)):  # transforms producing several samples: keep the first
             out = out[0]

@@ -1,4 +1,4 @@
-"""Atomic writers for prepared datasets: a temp file in the target folder, then ``os.replace``.
+"""Atomic writers for prepared datasets and outputs (:func:`diffcl_algo.utils.atomic_write`).
 
 An interrupted run therefore never leaves a half-written case file or list under its final name (MONAI's
 ``SaveImage`` writes in place and has no h5 writer).
@@ -6,7 +6,6 @@ An interrupted run therefore never leaves a half-written case file or list under
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -16,38 +15,24 @@ import numpy as np
 from monai.config import PathLike
 
 from diffcl_algo.data.io import DataError, read_case_list
+from diffcl_algo.utils import atomic_write
 
 __all__ = ["write_h5", "write_text", "write_lists", "check_overwrite"]
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_h5(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> None:
     """Write ``arrays`` as gzip-compressed h5 datasets (the field's format) plus file ``attrs``, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, array in arrays.items():
-                f.create_dataset(name, data=array, compression="gzip")
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=array, compression="gzip")
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: PathLike, text: str) -> None:
     """Write a text file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:

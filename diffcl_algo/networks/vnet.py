@@ -22,9 +22,11 @@ from torch import nn
 
 from diffcl_algo.networks.hf_mamba import HFMamba
 
-__all__ = ["VNet", "ConvBlock", "DownsamplingConvBlock", "UpsamplingDeconvBlock"]
+__all__ = ["DOWNSAMPLING_FACTOR", "VNet", "ConvBlock", "DownsamplingConvBlock", "UpsamplingDeconvBlock"]
 
 NORMS = ("batch", "instance", "group", "none")
+#: total downsampling of the V-Net (4 stride-2 stages): every input size (patch) must be a multiple of it
+DOWNSAMPLING_FACTOR = 16
 # the field's GroupNorm uses 16 groups; gcd(16, channels) keeps small n_filters valid and equals 16 when n_filters=16
 GROUP_NORM_GROUPS = 16
 
@@ -185,6 +187,7 @@ class VNet(nn.Module):
             raise ValueError(f"unknown norm {norm!r}, expected one of {NORMS}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.downsampling = DOWNSAMPLING_FACTOR  # an attribute, so that TorchScript reads it
         hfm_stages = tuple(hfm_stages)
         bad = [s for s in hfm_stages if s not in (1, 2, 3, 4, 5)]
         if bad or len(set(hfm_stages)) != len(hfm_stages):
@@ -232,7 +235,7 @@ class VNet(nn.Module):
             )
         spatial = list(x.shape[2:])
         for s in spatial:
-            if s % 16 != 0:
+            if s % self.downsampling != 0:
                 raise ValueError(
                     "VNet needs every spatial size divisible by 16 (4 stride-2 downsamplings), "
                     f"got {_shape_str(spatial)}"

@@ -58,7 +58,7 @@ smoke() {
     vpy - "$root" <<'EOF'
 import os, sys
 import monai, monailabel, numpy, torch, torchvision
-import diffcl_algo.inference, diffcl_algo.networks, diffcl_monailabel.guards
+import diffcl_algo.inference.predict, diffcl_algo.networks, diffcl_monailabel.guards
 from monailabel.interfaces.app import MONAILabelApp
 assert int(numpy.__version__.split(".")[0]) < 2, numpy.__version__
 torchvision.ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5)  # torchvision's C++ operators load beside this torch

@@ -2,7 +2,7 @@
 
 The task reads the bundle's ``configs/inference.yaml`` and ``configs/metadata.json`` as MONAI Label does for any
 bundle (``preprocessing``, ``network_def``, ``inferer`` and ``postprocessing`` of the config: the CS network and
-the paper's sliding window, :class:`~diffcl_algo.inference.DiffCLSlidingWindowInferer`); the
+the paper's sliding window, :class:`~diffcl_algo.inference.inferer.DiffCLSlidingWindowInferer`); the
 bundle's configs are self-contained, so they load from any directory. Three changes:
 
 * the checkpoint can live outside ``<bundle>/models`` (``ckpt``) and must match the network exactly

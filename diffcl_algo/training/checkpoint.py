@@ -1,41 +1,44 @@
 """Checkpointing: atomic writes, ``model.pt`` (CS weights), ``train_state.pt`` (everything to resume).
 
-* ``atomic_save``: ``torch.save`` into a temporary file in the target directory, ``fsync``, then ``os.replace``:
-  a crash or a failing write never leaves a truncated checkpoint and never touches the previous file; temporaries
-  left by a killed process are removed by the next successful save of the same file.
+* ``atomic_save``: ``torch.save`` through :func:`diffcl_algo.utils.atomic_write`: a crash or a failing write never
+  leaves a truncated checkpoint and never touches the previous file.
 * ``ModelSaver`` (ignite handler): ``model.pt`` = the CS ``state_dict`` alone (what inference needs), written
   whenever the validation key metric (mean Dice) improves, or at the end of training when no validation ran.
 * ``TrainStateSaver`` (ignite handler): ``train_state.pt`` every ``interval`` iterations and at the end:
   CS, DS, both heads, both optimizers, memory bank, AMP scaler, iteration, epoch, best metric, seed and a
   config summary. Everything in it is a tensor or a primitive container, so ``torch.load(weights_only=True)``
   reads it.
-* ``resume``: loads ``train_state.pt`` into a trainer (and the best-metric bookkeeping of a ``ModelSaver``).
+* ``TrainStateLoader`` (ignite handler): loads ``train_state.pt`` into a trainer (and the best-metric bookkeeping of a
+  ``ModelSaver``).
   Because every random choice of the trainer is a function of ``(seed, iteration)``, this is an exact resume.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
-__all__ = ["atomic_save", "load_train_state", "ModelSaver", "TrainStateSaver", "require_checkpoint", "resume", "unwrap"]
+from diffcl_algo.utils import atomic_write, is_main_process
+
+__all__ = [
+    "ModelSaver",
+    "TrainStateLoader",
+    "TrainStateSaver",
+    "atomic_save",
+    "load_train_state",
+    "require_checkpoint",
+    "unwrap",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_KEYS = ("cs_network", "ds_network", "cs_optimizer", "ds_optimizer", "iteration", "seed")
-
-
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -56,45 +59,16 @@ def require_checkpoint(path: str | os.PathLike) -> None:
         )
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically.
-
-    Writes a temporary file in the same directory, flushes and ``fsync``s it, then ``os.replace``s it onto
-    ``path`` (atomic on POSIX and Windows within one file system) and ``fsync``s the directory. If anything
-    fails the temporary file is removed, the exception propagates and the previous ``path`` is untouched. A
-    process killed mid-write (SIGKILL, power loss) leaves its temporary ``.<name>.*.tmp``, never a truncated
-    ``path``; such leftovers are deleted after the next successful write of ``path``.
+    """``torch.save(obj, path)`` atomically (:func:`diffcl_algo.utils.atomic_write`): a crash or a failing write
+    never leaves a truncated checkpoint and never touches the previous file.
 
     Args:
         obj: what to save (state dicts, tensors, primitives).
         path: destination file; its directory is created if missing.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by writers killed mid-write
-        stale.unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -120,7 +94,7 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
 class ModelSaver:
     """Write ``model.pt`` = the CS network's ``state_dict`` (DDP wrapper removed), rank 0 only.
 
-    ``attach(trainer, evaluator)``: saved whenever ``evaluator.state.metrics[metric_name]`` beats the best so far
+    Attached to the trainer, it saves whenever ``evaluator.state.metrics[metric_name]`` beats the best so far
     (higher is better, e.g. mean Dice). At the end of training the last weights are saved if no validation
     ever produced a best model (``evaluator=None`` included).
 
@@ -129,12 +103,19 @@ class ModelSaver:
         output_dir: directory of ``model.pt``.
         filename: file name (default ``model.pt``).
         metric_name: evaluator metric to maximise; default the evaluator's key metric.
+        evaluator: the validation evaluator whose rounds select the model (None: the last weights).
     """
 
     def __init__(
-        self, network: nn.Module, output_dir: str, filename: str = "model.pt", metric_name: Optional[str] = None
+        self,
+        network: nn.Module,
+        output_dir: str,
+        filename: str = "model.pt",
+        metric_name: Optional[str] = None,
+        evaluator: Optional[Engine] = None,
     ) -> None:
         self.network = network
+        self.evaluator = evaluator
         self.path = Path(output_dir) / filename
         self.metric_name = metric_name
         self.best_metric = float("-inf")
@@ -142,13 +123,14 @@ class ModelSaver:
         self.trainer: Optional[Engine] = None
 
     def save(self) -> None:
-        if _is_main_process():
+        if is_main_process():
             atomic_save(unwrap(self.network).state_dict(), self.path)
 
-    def attach(self, trainer: Engine, evaluator: Optional[Engine] = None) -> None:
+    def attach(self, trainer: Engine) -> None:
+        """Listen to the evaluator's rounds and to the end of training."""
         self.trainer = trainer
-        if evaluator is not None:
-            evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._on_validation)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._on_validation)
         trainer.add_event_handler(Events.COMPLETED, self._on_completed)
 
     def _on_validation(self, evaluator: Engine) -> None:
@@ -205,7 +187,7 @@ class TrainStateSaver:
 
     def save(self, trainer: Engine) -> None:
         best = (self.model_saver.best_metric, self.model_saver.best_iteration) if self.model_saver else None
-        if self._last_saved == (trainer.state.iteration, best) or not _is_main_process():
+        if self._last_saved == (trainer.state.iteration, best) or not is_main_process():
             return  # already saved this exact state (e.g. a final iteration that is a multiple of interval)
         state = trainer.train_state()
         if best is not None:
@@ -215,24 +197,30 @@ class TrainStateSaver:
         self._last_saved = (trainer.state.iteration, best)
 
 
-def resume(trainer: Engine, path: str | os.PathLike, model_saver: Optional[ModelSaver] = None) -> dict[str, Any]:
-    """Restore a trainer (and a ``ModelSaver``'s best metric) from ``train_state.pt``.
+class TrainStateLoader:
+    """Resume a trainer (and a ``ModelSaver``'s best metric) from ``train_state.pt`` when attached.
+
+    The last of the bundle's ``train#handlers`` (disabled unless ``--resume``): attaching happens at the end of the
+    trainer's construction, so the next ``run()`` continues at the saved iteration. Because every random choice of
+    the trainer is a function of ``(seed, iteration)``, this is an exact resume.
 
     Args:
-        trainer: a ``DiffCLTrainer`` (provides ``load_train_state``).
         path: the ``train_state.pt`` file.
-        model_saver: optional; receives ``best_metric``/``best_iteration``.
-
-    Returns:
-        the loaded state dict.
+        model_saver: optional; receives ``best_metric`` / ``best_iteration``.
 
     Raises:
-        FileNotFoundError / RuntimeError: missing or unreadable file (message names the path).
+        FileNotFoundError / RuntimeError: missing or unreadable file (message names the path), at attach.
     """
-    state = load_train_state(path)
-    trainer.load_train_state(state)
-    if model_saver is not None:
-        model_saver.best_metric = float(state.get("best_metric", float("-inf")))
-        model_saver.best_iteration = int(state.get("best_iteration", -1))
-    logger.info(f"Resumed from {path} at iteration {int(state['iteration'])}")
-    return state
+
+    def __init__(self, path: str | os.PathLike, model_saver: Optional[ModelSaver] = None) -> None:
+        self.path = Path(path)
+        self.model_saver = model_saver
+
+    def attach(self, trainer: Engine) -> None:
+        """Load the state into ``trainer`` (a ``DiffCLTrainer``: ``load_train_state``) and the saver."""
+        state = load_train_state(self.path)
+        trainer.load_train_state(state)
+        if self.model_saver is not None:
+            self.model_saver.best_metric = float(state.get("best_metric", float("-inf")))
+            self.model_saver.best_iteration = int(state.get("best_iteration", -1))
+        logger.info(f"Resumed from {self.path} at iteration {int(state['iteration'])}")

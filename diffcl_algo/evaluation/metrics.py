@@ -267,7 +267,7 @@ def summarize(rows: Iterable[Mapping[str, float]]) -> dict[str, dict[str, float]
     return out
 
 
-def _foreground(x: torch.Tensor, name: str) -> np.ndarray:
+def foreground_mask(x: torch.Tensor, name: str = "mask") -> np.ndarray:
     """(B, C, *spatial) tensor -> (B, *spatial) bool: ``x > 0`` when C == 1 (label map), channel 1 when C == 2."""
     if x.ndim < 3:
         raise ValueError(f"{name} must be batch-first (B, C, *spatial), got shape {tuple(x.shape)}.")
@@ -279,6 +279,14 @@ def _foreground(x: torch.Tensor, name: str) -> np.ndarray:
     else:
         raise ValueError(f"{name} must have 1 (label) or 2 (one-hot) channels for a binary metric, got {channels}.")
     return fg.cpu().numpy()
+
+
+def foreground_dice(pred: Any, label: Any) -> float:
+    """Dice of the foregrounds (nonzero voxels) of two masks of one shape (tensors or arrays, any device); 1.0 when
+    both are empty. The quick Dice of progress lines and pseudo-label monitoring; reports use :func:`case_metrics`."""
+    p, g = torch.as_tensor(pred) != 0, torch.as_tensor(label) != 0
+    total = int(p.sum()) + int(g.sum())
+    return 1.0 if total == 0 else 2.0 * int((p & g).sum()) / total
 
 
 class MedpyMetric(CumulativeIterationMetric):
@@ -324,7 +332,7 @@ class MedpyMetric(CumulativeIterationMetric):
         """
         if y is None:
             raise ValueError("MedpyMetric needs the reference y.")
-        preds, labels = _foreground(y_pred, "y_pred"), _foreground(y, "y")
+        preds, labels = foreground_mask(y_pred, "y_pred"), foreground_mask(y, "y")
         if preds.shape != labels.shape:
             raise ValueError(
                 f"y_pred and y must have the same batch and spatial shape, got {preds.shape} and {labels.shape}."

@@ -1,4 +1,5 @@
-"""The bundle runner: a bundle's workflow from Python, as ``python -m monai.bundle run`` runs it.
+"""Running a bundle: from Python (:func:`run_workflow`, :func:`build_trainer`, :func:`train`) and from the command line
+(:func:`run`, ``python -m diffcl_algo run``), both as ``python -m monai.bundle run`` runs it.
 
 A bundle is named by ``None`` (the package's graph ``diffcl_algo/configs`` with its default values, e.g. for
 Auto3DSeg), a dataset (``"la"``, ``"brats"``, ``"pancreas"``: the graph with ``diffcl_algo/configs/datasets/<name>``)
@@ -7,33 +8,39 @@ or a bundle folder (``bundles/la`` or a copy of it: its ``configs/<workflow>.yam
 
 * :func:`load_bundle`: the ``ConfigParser`` of a workflow with overrides (plus ``multi_gpu_train.yaml`` for training
   under ``torchrun``).
-* :func:`run_workflow`: ``monai.bundle.ConfigWorkflow`` initialised, run and finalised (the demo, tests).
+* :func:`run_workflow`: ``monai.bundle.ConfigWorkflow`` initialised, run and finalised (the demo, Auto3DSeg, tests).
 * :func:`build_trainer` / :func:`train`: the training graph's ``DiffCLTrainer``, ready to run / run and closed
   (tests, benchmarks, Auto3DSeg).
-* :func:`as_bool`, :func:`check_settings`, :func:`resume_path`: what the configs call on their values.
+* :func:`run`: the stock ``python -m monai.bundle run`` with the options checked first, ``--help`` listing a config's
+  ids, and the torch thread count set (:func:`default_num_threads`); the command line (:mod:`diffcl_algo.cli`) reports
+  a user error (missing data, checkpoint, bad value) in one line.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from monai.bundle import ConfigParser, ConfigWorkflow
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, scripts
 from monai.bundle.utils import ID_SEP_KEY
 
-from diffcl_algo.bundles import CONFIG_DIR, DATASETS, WORKFLOWS, check_override_ids, dataset_values
-from diffcl_algo.engine import DiffCLTrainer
+from diffcl_algo.bundle.compose import CONFIG_DIR, DATASETS, WORKFLOWS, dataset_values
+from diffcl_algo.bundle.expressions import check_override_ids, config_files
+from diffcl_algo.training.checkpoint import ModelSaver, TrainStateSaver
+from diffcl_algo.training.trainer import DiffCLTrainer
+from diffcl_algo.utils import config_error_cause
 
 __all__ = [
     "RUN_IDS",
-    "as_bool",
     "build_trainer",
-    "check_settings",
-    "config_error_cause",
+    "default_num_threads",
+    "help_epilog",
     "load_bundle",
-    "resume_path",
+    "run",
     "run_workflow",
     "train",
 ]
@@ -42,50 +49,6 @@ __all__ = [
 RUN_IDS = {"train": "training", "evaluate": "evaluating", "inference": "inferring"}
 
 Bundle = Union[str, os.PathLike, None]
-
-TRUE_STRINGS = ("1", "true", "yes", "on")
-
-
-def as_bool(value: Any) -> bool:
-    """A switch given as a boolean or as a command-line string (``"true"``, ``"1"``, ``"yes"``, ``"on"``: True)."""
-    return value if isinstance(value, bool) else str(value).strip().lower() in TRUE_STRINGS
-
-
-def resume_path(resume: Union[bool, str, os.PathLike, None], default: Union[str, os.PathLike]) -> Optional[Path]:
-    """The ``train_state.pt`` to resume from: ``default`` for true-ish values, None for false-ish, else ``resume``.
-
-    Accepts the strings a command line gives (``"true"``, ``"false"``, ``"1"``, ``"0"``, ...) as well as booleans.
-    """
-    if resume is None or resume is False:
-        return None
-    if resume is True:
-        return Path(default)
-    text = str(resume).strip()
-    if text.lower() in TRUE_STRINGS:
-        return Path(default)
-    if text.lower() in ("", "0", "false", "no", "off", "none", "null"):
-        return None
-    return Path(text)
-
-
-def check_settings(patch_size: Sequence[int], val_interval: int, factor: int = 16) -> None:
-    """Refuse settings that would fail later or silently mean something else (run before any data is read).
-
-    Args:
-        patch_size: training patch; every axis must be divisible by ``factor`` (the V-Net halves it 4 times).
-        val_interval: iterations between validations; 0 means never, a negative value is an error.
-        factor: the network's total downsampling factor.
-
-    Raises:
-        ValueError: naming the setting and the rule it breaks.
-    """
-    if int(val_interval) < 0:
-        raise ValueError(f"val_interval must be >= 0 (0: never validate), got {val_interval}.")
-    if any(int(p) < factor or int(p) % factor for p in patch_size):
-        raise ValueError(
-            f"patch_size {tuple(int(p) for p in patch_size)} must be divisible by {factor} (and >= {factor}) on "
-            f"every axis: the V-Net downsamples {factor.bit_length() - 1} times by 2."
-        )
 
 
 def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], Optional[str]]:
@@ -107,8 +70,8 @@ def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], 
 
 def _override(parser: ConfigParser, bundle: Bundle, workflow: str, values: dict, overrides: dict) -> None:
     """Set a dataset's ``values`` and the ``overrides`` (checked: an id the config lacks is a ``ValueError`` naming
-    it and the closest id it has, :func:`~diffcl_algo.bundles.check_override_ids`; tuples become lists, paths
-    strings, ``device="auto"`` keeps the config's)."""
+    it and the closest id it has, :func:`~diffcl_algo.bundle.expressions.check_override_ids`; tuples become lists,
+    paths strings, ``device="auto"`` keeps the config's)."""
     check_override_ids(parser.get(), list(overrides), f"the {workflow} config of bundle {str(bundle)!r}")
     checked = {k: _plain(v) for k, v in overrides.items() if not (k == "device" and v == "auto")}
     parser.update({**{k: v for k, v in values.items() if k in parser}, **checked})
@@ -181,7 +144,7 @@ def build_trainer(bundle: Bundle = None, **overrides: Any) -> DiffCLTrainer:
         overrides: config ids and values (``docs/bundles.md``); an id the config lacks is an error.
 
     Returns:
-        The trainer; ``trainer.evaluator`` (or None), ``trainer.model_saver``, ``trainer.train_state_saver``.
+        The trainer; its handlers (``train#handlers``: validation, savers, logs) are ``trainer.train_handlers``.
     """
     parser = load_bundle(bundle, "train", **overrides)
     try:
@@ -191,21 +154,6 @@ def build_trainer(bundle: Bundle = None, **overrides: Any) -> DiffCLTrainer:
         return parser.get_parsed_content("train#trainer")
     except RuntimeError as e:
         raise config_error_cause(e) from None
-
-
-def config_error_cause(error: BaseException) -> BaseException:
-    """The exception a MONAI config wrapped (``"Failed to instantiate ..."`` / ``"Failed to evaluate ..."``).
-
-    MONAI re-raises every error of a config item as a ``RuntimeError`` naming the item; this follows
-    ``__cause__`` through those wrappers to the original error (e.g. the ``DataError`` naming a missing file).
-    """
-    while (
-        isinstance(error, RuntimeError)
-        and str(error).startswith(("Failed to instantiate", "Failed to evaluate"))
-        and error.__cause__ is not None
-    ):
-        error = error.__cause__
-    return error
 
 
 def train(bundle: Bundle = None, **overrides: Any) -> dict[str, Any]:
@@ -219,12 +167,96 @@ def train(bundle: Bundle = None, **overrides: Any) -> dict[str, Any]:
         trainer.run()
     finally:
         trainer.close()
-    best = trainer.model_saver.best_metric
+    model_saver = next(h for h in trainer.train_handlers if isinstance(h, ModelSaver))
+    state_saver = next(h for h in trainer.train_handlers if isinstance(h, TrainStateSaver))
+    best = model_saver.best_metric
     return {
         "iteration": int(trainer.state.iteration),
         "best_metric": None if math.isinf(best) else best,
-        "best_iteration": trainer.model_saver.best_iteration,
-        "model_path": str(trainer.model_saver.path),
-        "train_state_path": str(trainer.train_state_saver.path),
+        "best_iteration": model_saver.best_iteration,
+        "model_path": str(model_saver.path),
+        "train_state_path": str(state_saver.path),
         "output": trainer.state.output,
     }
+
+
+def default_num_threads(max_threads: int = 8) -> int | None:
+    """Torch CPU threads when none are asked for: ``None`` (torch's own reading) when ``$OMP_NUM_THREADS`` is set,
+    else the CPUs this process may use minus the machine's 1-minute load average, between 1 and ``max_threads``.
+
+    On a busy machine every extra thread waits for a core and the run slows down many times over (README,
+    "Threads"); on an idle one the threads use the free cores.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cpus - round(busy), max_threads))
+
+
+def run(
+    run_id: str,
+    config_file: str | Sequence[str],
+    meta_file: str | None = None,
+    logging_file: str | None = None,
+    num_threads: int | None = None,
+    **overrides: Any,
+) -> None:
+    """Run a bundle workflow like ``python -m monai.bundle run``, refusing unknown options first.
+
+    Example: ``python -m diffcl_algo run training --config_file bundles/la/configs/train.yaml --dataset_dir data/LA``.
+
+    Args:
+        run_id: the workflow id: ``training`` (train.yaml), ``evaluating`` (evaluate.yaml), ``inferring``
+            (inference.yaml).
+        config_file: the bundle config (a list, e.g. "['bundles/la/configs/train.yaml','bundles/la/configs/cpu.yaml']",
+            layers later files over earlier ones).
+        meta_file: the bundle's metadata.json (default: next to the first config).
+        logging_file: logging config (default: logging.conf next to the first config).
+        num_threads: torch CPU threads (default: $OMP_NUM_THREADS if set, else the idle CPUs, 1 to 8).
+        overrides: --<id> <value> for any id of the config (nested ids as --a#b); see --help with --config_file.
+
+    Raises:
+        ValueError: an unknown override id (naming the closest valid id), or any error of the workflow.
+    """
+    files = config_files(config_file)
+    parser = ConfigParser()
+    parser.read_config(files)
+    check_override_ids(parser.get(), list(overrides), " + ".join(files))
+    threads = num_threads if num_threads is not None else default_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    scripts.run(run_id=run_id, config_file=files, meta_file=meta_file, logging_file=logging_file, **overrides)
+
+
+def _value_ids(path: Path) -> list[tuple[str, str, str]]:
+    """``(id, value, comment)`` of the top-level one-line values of a YAML config, in file order."""
+    out = []
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s*(.*))?$", line)
+        if match and match.group(2) and not match.group(2).startswith(("'%", '"%', "%")):
+            out.append((match.group(1), match.group(2), match.group(3) or ""))
+    return out
+
+
+def help_epilog(argv: Sequence[str]) -> str:
+    """Extra ``--help`` text: the value ids of the ``--config_file`` on the command line, if any."""
+    files: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--config_file" and i + 1 < len(argv):
+            files = config_files(argv[i + 1])
+        elif arg.startswith("--config_file="):
+            files = config_files(arg.split("=", 1)[1])
+    if not files:
+        return "Give --config_file with --help to list that config's options."
+    lines = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            return f"config file {f} does not exist."
+        lines.append(f"options of {f} (--<id> <value>):")
+        lines += [f"  --{k} {v}" + (f"    # {c}" if c else "") for k, v, c in _value_ids(path)]
+    return "\n".join(lines)
+
+
+run.help_epilog = help_epilog  # type: ignore[attr-defined]

@@ -32,6 +32,8 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
+from diffcl_algo.utils import atomic_write
+
 __all__ = ["package", "check_checkpoint", "file_md5", "set_values"]
 
 logger = logging.getLogger(__name__)
@@ -158,21 +160,14 @@ def check_checkpoint(
 
 
 def _write_zip(folder: Path, name: str, output: Path) -> None:
-    """Zip ``folder`` as ``<name>/...`` into ``output`` atomically (temporary file in its directory, os.replace)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
-            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-                info = zipfile.ZipInfo(f"{name}/{file.relative_to(folder).as_posix()}", date_time=ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                with open(file, "rb") as src, archive.open(info, "w") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Zip ``folder`` as ``<name>/...`` into ``output`` atomically (:func:`diffcl_algo.utils.atomic_write`)."""
+    with atomic_write(output) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(f"{name}/{file.relative_to(folder).as_posix()}", date_time=ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            with open(file, "rb") as src, archive.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _yaml_list(value: Any) -> Any:

@@ -21,7 +21,7 @@ From the command line, ``--runs '{"Diff-CL": ["out/diffcl", "out/diffcl/eval"], 
 
 Figures use matplotlib's Agg canvas directly (no ``pyplot``, so the caller's backend is untouched). Every input
 is read and checked before anything is written; a missing input raises ``FileNotFoundError`` naming the file.
-Output files are written atomically (temporary file, then ``os.replace``).
+Output files are written atomically (:func:`diffcl_algo.utils.atomic_write`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from scipy.ndimage import center_of_mass
 
 from diffcl_algo.data import LoadH5d
 from diffcl_algo.data.writers import write_text
-from diffcl_algo.evaluation import CASES_JSON, METRICS_CSV, SUMMARY_JSON
-from diffcl_algo.metrics import METRIC_NAMES, summarize
+from diffcl_algo.evaluation.handlers import CASES_JSON, METRICS_CSV, SUMMARY_JSON
+from diffcl_algo.evaluation.metrics import METRIC_NAMES, summarize
+from diffcl_algo.utils import atomic_write
 
 Figure, _ = optional_import("matplotlib.figure", name="Figure")
 Line2D, _ = optional_import("matplotlib.lines", name="Line2D")
@@ -206,12 +207,8 @@ def _metrics_csv(runs: list[_Run]) -> str:
 
 def _save_figure(fig: Any, path: Path) -> None:
     """``fig.savefig(path)`` as PNG, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _tag_group(tag: str) -> int:

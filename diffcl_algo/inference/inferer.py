@@ -19,7 +19,6 @@ probabilities, not logits, are averaged as in the field.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-__all__ = ["stride_to_overlap", "DiffCLSlidingWindowInferer", "predict_volume"]
+__all__ = ["stride_to_overlap", "DiffCLSlidingWindowInferer"]
 
 
 def stride_to_overlap(patch_size: Sequence[int], strides: Union[Sequence[int], int]) -> tuple[float, ...]:
@@ -100,54 +99,3 @@ class DiffCLSlidingWindowInferer(SlidingWindowInferer):
         """Run ``network`` over windows of ``inputs`` (B, C_in, *S) -> (B, C_out, *S) averaged outputs."""
         predictor = _Softmax(network) if self.softmax else network
         return super().__call__(inputs, predictor, *args, **kwargs)
-
-
-@torch.no_grad()
-def predict_volume(
-    net: nn.Module,
-    image: Union[torch.Tensor, np.ndarray, str, os.PathLike],
-    patch_size: Sequence[int],
-    strides: Union[Sequence[int], int],
-    sw_batch_size: int = 1,
-    device: Union[torch.device, str, None] = None,
-    return_label: bool = False,
-    **scan_options: Any,
-) -> torch.Tensor:
-    """CS-only sliding-window prediction of whole volumes (the field's ``test_single_case``).
-
-    Args:
-        net: the CS network (put in eval mode here); ``net(x)`` returns logits (B, C, *patch).
-        image: (C_in, *S) or (B, C_in, *S) volume(s) already in the model's frame (normalised, at the training
-            spacing); any size (padded when smaller than the patch). Or a scan file (NIfTI, NRRD, h5): it goes
-            through the bundles' inference chain (:func:`diffcl_algo.scans.predict_scan`: the dataset's intensity
-            normalisation, ``roi``, orientation, resampling to ``model_spacing``) and the result comes back on
-            the file's own grid, as a MetaTensor with its affine.
-        patch_size: window size.
-        strides: window stride (int or per dimension).
-        sw_batch_size: windows per forward pass.
-        device: where the network runs (default: the network's device).
-        return_label: return the argmax label map instead of the probabilities.
-        scan_options: for a file: keyword arguments of :func:`diffcl_algo.scans.scan_preprocessing`
-            (``model_spacing``, ``orientation``, ``roi``, ``normalize``, ``scan_norm``, ``spacing``).
-
-    Returns:
-        (B, C, *S) averaged softmax probabilities (float32), or (B, 1, *S) long labels if ``return_label``
-        (B = 1 for a file).
-    """
-    if isinstance(image, (str, os.PathLike)):
-        from diffcl_algo.scans import predict_scan  # the scan chain builds on evaluation, which imports this module
-
-        out = predict_scan(
-            net, image, patch_size, strides, None, sw_batch_size, device, return_label=return_label, **scan_options
-        )
-        return out[None]
-    x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).float()
-    if x.ndim == len(patch_size) + 1:
-        x = x[None]
-    if device is None:
-        device = next(net.parameters()).device
-    net.eval()
-    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size)
-    probs = inferer(x.to(device), net)
-    probs = torch.as_tensor(probs).float()
-    return probs.argmax(dim=1, keepdim=True) if return_label else probs

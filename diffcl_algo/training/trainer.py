@@ -11,7 +11,6 @@ model / optimizer / memory-bank state (``train_state()`` / ``load_train_state()`
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -20,24 +19,22 @@ import torch.nn.functional as F
 from ignite.engine import Engine
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import TensorBoardStatsHandler
 from torch import nn
 
-from diffcl_algo.checkpoint import ModelSaver, TrainStateSaver, unwrap
-from diffcl_algo.checkpoint import resume as resume_training
-from diffcl_algo.data.iteration import _GENERATOR, _GLOBAL_RNG, IterationSampler, derive_seed
-from diffcl_algo.data.iteration import rank_world as _rank_world
+from diffcl_algo.contrastive import ContrastiveLabelPropagation
+from diffcl_algo.data.iteration import IterationSampler
 from diffcl_algo.data.transforms import HIDDEN_LABEL
 from diffcl_algo.diffusion import GaussianDiffusion
-from diffcl_algo.handlers import attach_file_logger, detach_file_logger
-from diffcl_algo.losses import ContrastiveLabelPropagationLoss, DiceCELoss
-from diffcl_algo.memory_bank import ClassMemoryBank, all_gather_variable
-from diffcl_algo.progress import IterationProgressBar, ValidationLog
+from diffcl_algo.evaluation.metrics import foreground_dice
+from diffcl_algo.losses import DiceCELoss, class_argmax
 from diffcl_algo.schedules import DEFAULT_HYPERPARAMS, DiffCLHyperParams, continuous_epoch, gaussian_ramp, poly_lr
+from diffcl_algo.training.checkpoint import unwrap
+from diffcl_algo.training.handlers import RunLog
+from diffcl_algo.utils import SeedStream, derive_seed, rank_world
 
-__all__ = ["LOSS_KEYS", "SUP_LOSS_FORMS", "class_argmax", "DiffCLTrainer"]
+__all__ = ["LOSS_KEYS", "OUTPUT_KEYS", "SUP_LOSS_FORMS", "DiffCLTrainer"]
 
-#: Keys of the engine output (``engine.state.output``), each a Python float.
+#: Loss terms of the engine output (``engine.state.output``), each a Python float.
 LOSS_KEYS = (
     "loss_sup_cs",
     "loss_sup_ds",
@@ -49,38 +46,11 @@ LOSS_KEYS = (
     "loss_ds",
     "loss",
 )
+#: Keys of the engine output: the loss terms and the learning rates of the iteration (first parameter group).
+OUTPUT_KEYS = (*LOSS_KEYS, "lr_cs", "lr_ds")
 
 #: ``DiffCLTrainer(sup_loss=...)`` choices: the paper's ``D + beta E`` or the field's ``0.5 (E + D_fg)``.
 SUP_LOSS_FORMS = ("paper", "field")
-
-
-def class_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(dim=1, keepdim=True)`` for few classes, by running comparisons over the class channels.
-
-    Same result (the first maximal class wins ties); written by hand because on CPU a reduction over the short,
-    strided channel axis of a (B, 2, *S) volume costs more than one V-Net convolution layer (measured in
-    docs/performance.md).
-
-    Args:
-        logits: (B, C, *S) scores.
-
-    Returns:
-        (B, 1, *S) long class map.
-    """
-    best = logits[:, :1]
-    index = torch.zeros_like(best, dtype=torch.long)
-    for c in range(1, logits.shape[1]):
-        better = logits[:, c : c + 1] > best
-        index = torch.where(better, torch.full_like(index, c), index)
-        best = torch.where(better, logits[:, c : c + 1], best)
-    return index
-
-
-def _foreground_dice(prediction: torch.Tensor, label: torch.Tensor) -> float:
-    """Dice of the foreground (class > 0) of two (B, 1, *S) class maps over the whole batch (1.0 when both empty)."""
-    p, y = prediction > 0, label > 0
-    total = int(p.sum() + y.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & y).sum()) / total
 
 
 class DiffCLTrainer(Trainer):
@@ -96,18 +66,16 @@ class DiffCLTrainer(Trainer):
     4. ``L_s^c = D(P^l, y) + beta2 E`` (eq. 19), ``L_s^d = D(P~l, y) + beta1 E`` (eq. 18),
        ``beta = beta_c * lambda(t)`` with ``lambda`` the Gaussian ramp of the continuous epoch ``i / epoch_length``.
     5. ``L_p^c = D(P^u, argmax P~u) + lambda2 E`` (eq. 7), ``L_p^d = D(P~u, argmax P^u) + lambda1 E`` (eq. 6).
-    6. Memory bank: DS-head projections of labeled voxels that DS predicted correctly, at most
-       ``bank_samples_per_class`` random voxels per class (gathered across DDP ranks), are enqueued; then ``p``
-       anchors per class are sampled, and ``q`` random unlabeled CS-head projections ``b``; ``L_cl`` (eq. 11-15).
-       Both voxel-wise heads run on the chosen voxels only (their batch-norm statistics come from them), not on
-       whole feature maps.
-       The DS head gets no gradient: ``L_cl`` enters only the CS loss (eq. 17, 22) and the bank is detached.
+    6. ``L_cl`` (eq. 11-15) with its memory-bank update: :class:`~diffcl_algo.contrastive.ContrastiveLabelPropagation`
+       on the DS logits / features of the labeled images and the CS features of the unlabeled ones. ``L_cl`` enters
+       only the CS loss (eq. 17, 22).
     7. ``L^d = L_s^d + mu1 L_p^d`` (eq. 16); ``L^c = L_s^c + mu2 (L_p^c + eta L_cl)`` (eq. 17, 22).
     8. ``(L^c + L^d).backward()`` (the two losses share no parameters: pseudo-labels and ``Y_0`` are detached),
        then the CS optimizer and the DS optimizer step (lines 14-15).
 
     Ablation switches (paper Table 6): ``use_cps=False`` -> ``L_p^c = L_p^d = 0`` exactly and the unlabeled
-    images skip the DS (and, without ``use_cl``, the CS); ``use_cl=False`` -> no memory bank, ``L_cl = 0``;
+    images skip the DS (and, without ``contrastive``, the CS); ``contrastive=None`` (``use_cl: false``) ->
+    ``L_cl = 0``;
     HF-Mamba on/off is a property of the CS network (``hfm_stages``), chosen by the builder. With neither
     ``use_cps`` nor ``use_cl`` (the supervised-only row) nothing reaches the CS from the DS, so the DS is not run at
     all: the row costs one V-Net on the labeled images (``loss_sup_ds = 0``, the DS keeps its initial weights).
@@ -117,39 +85,38 @@ class DiffCLTrainer(Trainer):
     (foreground Dice with squared denominators, fixed weights; docs/results.md measures both). The cross
     pseudo-supervision terms keep the paper's form.
 
-    Output (``engine.state.output``): ``{key: float}`` for every key of ``LOSS_KEYS``; ``loss = loss_cs + loss_ds``.
+    Output (``engine.state.output``): ``{key: float}`` for every key of ``OUTPUT_KEYS`` (the loss terms of
+    ``LOSS_KEYS``, ``loss = loss_cs + loss_ds``, and the learning rates ``lr_cs``, ``lr_ds``).
     With cross pseudo-supervision and a batch carrying ``"hidden_label"`` (``monitor_pseudo_labels``), also
     ``pseudo_dice_cs`` / ``pseudo_dice_ds``: the foreground Dice of this iteration's CS / DS pseudo-labels of the
     unlabeled patches against their hidden labels (logged only; nothing is trained on them).
+
+    Outputs and logs are handlers (``train_handlers``, the bundle's ``train#handlers``): validation
+(``GuardedValidationHandler``), ``model.pt`` / ``train_state.pt`` (:mod:`diffcl_algo.training.checkpoint`, resuming
+included), console / TensorBoard / ``train.log`` lines and the progress bar (:mod:`diffcl_algo.training.handlers`).
 
     Args:
         device: training device.
         max_iterations: total iterations (ignite ``max_iters``).
         train_data_loader: yields ``IterationBatchDataset`` items; with an ``IterationSampler`` it is restarted
             at the resumed iteration. Each batch's ``"iteration"`` must equal the engine's iteration.
+        epoch_length: iterations per epoch (``schedules.epoch_length``: one pass over the unlabeled cases).
         cs_network: CS net, ``cs_network(x, return_features=True) -> (logits, features)`` (``VNet``).
         ds_network: DS net, ``ds_network(x, y_t, t, return_features=True) -> (logits, features)``.
-        cs_optimizer: optimizer of the CS network and CS head.
-        ds_optimizer: optimizer of the DS network and DS head.
-        epoch_length: iterations per epoch (``schedules.epoch_length``: one pass over the unlabeled cases).
+        cs_optimizer: optimizer of the CS network (and CS projection head).
+        ds_optimizer: optimizer of the DS network (and DS projection head).
         num_classes: classes incl. background.
-        cs_head, ds_head: projection heads (required with ``use_cl``).
-        memory_bank: ``ClassMemoryBank`` (required with ``use_cl``).
         diffusion: ``GaussianDiffusion``; default ``GaussianDiffusion(1000, "cosine")``.
+        contrastive: the contrastive label propagation term (eq. 11-15) with its heads and memory bank; None: no
+            ``L_cl`` (Table 6's rows without it).
         hyperparams: the loss weights, resolved once (``schedules.resolve_hyperparams``: the Table 2 row of
             ``dataset_name`` / ``num_labeled`` with any overrides); default ``schedules.DEFAULT_HYPERPARAMS``.
-        t_max, ramp_peak: Gaussian ramp ``lambda(t) = ramp_peak * exp(-5 (1 - t / t_max)^2)``.
+        t_max: length (epochs) of the Gaussian ramp ``lambda(t) = 2 exp(-5 (1 - t / t_max)^2)``.
         unsup_ramp: also warm up the unsupervised terms: ``mu1`` and ``mu2`` (eq. 16-17) are multiplied by
-            ``lambda(t) / ramp_peak`` (from ``exp(-5)`` to 1), the usual consistency ramp-up of the field (UA-MT,
-            CPS). False: the paper as printed (Table 2 ramps only the supervised CE weights, the cross
-            pseudo-supervision is at full weight from the first iteration). See docs/training.md.
-        use_cps, use_cl: ablation switches.
-        cl_tau, cl_top_k: temperature and ``k`` of eq. 12-14.
-        cl_num_anchors: ``p``, anchors per class sampled from the bank.
-        cl_num_unlabeled: ``q``, unlabeled CS features sampled per iteration.
-        cl_min_bank: classes with fewer bank entries are skipped (default ``cl_num_anchors``).
-        bank_samples_per_class: correctly predicted labeled voxels enqueued per class per iteration and rank.
-        dice_include_background, dice_batch: ``DiceCELoss`` options of the paper's form.
+            ``lambda(t) / 2`` (from ``exp(-5)`` to 1), the usual consistency ramp-up of the field (UA-MT, CPS). False:
+            the paper as printed (Table 2 ramps only the supervised CE weights, the cross pseudo-supervision is at
+            full weight from the first iteration). See docs/training.md.
+        use_cps: cross pseudo-supervision (eq. 6-7); False: ``L_p^c = L_p^d = 0``.
         sup_loss: ``"paper"`` or ``"field"``, the form of the supervised losses (above).
         ds_pseudo_steps: 0 (default): the DS pseudo-labels of eq. 7 are the argmax of this iteration's DS output,
             whose input is the noised CS pseudo-label; ``k >= 1``: they come from ``k`` DDIM steps started from pure
@@ -165,51 +132,32 @@ class DiffCLTrainer(Trainer):
         seed: base seed of every random choice.
         amp: mixed precision on CUDA (``torch.autocast``); ignored with a warning on CPU.
         amp_dtype: ``"bfloat16"`` or ``"float16"`` (the latter with a ``GradScaler``).
-        handlers: ignite handlers to attach (before the savers, so a ``ValidationHandler`` among them runs first).
-        evaluator: the validation evaluator (run by a ``ValidationHandler`` in ``handlers``); its rounds are
-            logged by ``progress.ValidationLog`` and in TensorBoard at the trainer's iteration, and pick ``model.pt``.
-        model_saver: ``checkpoint.ModelSaver`` (best ``model.pt`` per ``evaluator``'s key metric, or the last
-            weights without one).
-        train_state_saver: ``checkpoint.TrainStateSaver`` (``train_state.pt``).
-        summary_writer: TensorBoard writer of the learning rates and validation metrics (None: none, e.g. on ranks
-            other than 0); closed by :meth:`close`.
-        output_dir: run folder; ``train.log`` is written there on rank 0 (None: no log file).
-        progress: tqdm progress bar over ``max_iterations`` with the loss terms (rank 0).
-        resume: a ``train_state.pt`` to continue from (``checkpoint.resume``), None for a fresh start.
-        non_blocking: non-blocking host-to-device copies.
+        train_handlers: ignite handlers attached in order at the end of construction (a ``TrainStateLoader`` among
+            them resumes the run there).
         max_epochs: optional, for MONAI bundle property checks (``train#trainer#max_epochs``); must equal
             ``ceil(max_iterations / epoch_length)``, the value always used (training length is ``max_iterations``).
     """
+
+    #: peak of the Gaussian ramp ``lambda(t)`` (Table 2's beta_c are per unit of it)
+    RAMP_PEAK = 2.0
 
     def __init__(
         self,
         device: Union[str, torch.device],
         max_iterations: int,
         train_data_loader: Iterable,
+        epoch_length: int,
         cs_network: nn.Module,
         ds_network: nn.Module,
         cs_optimizer: torch.optim.Optimizer,
         ds_optimizer: torch.optim.Optimizer,
-        epoch_length: int,
         num_classes: int = 2,
-        cs_head: Optional[nn.Module] = None,
-        ds_head: Optional[nn.Module] = None,
-        memory_bank: Optional[ClassMemoryBank] = None,
         diffusion: Optional[GaussianDiffusion] = None,
+        contrastive: Optional[ContrastiveLabelPropagation] = None,
         hyperparams: Optional[DiffCLHyperParams] = None,
         t_max: float = 300.0,
-        ramp_peak: float = 2.0,
         unsup_ramp: bool = False,
         use_cps: bool = True,
-        use_cl: bool = True,
-        cl_tau: float = 0.1,
-        cl_top_k: int = 256,
-        cl_num_anchors: int = 64,
-        cl_num_unlabeled: int = 4096,
-        cl_min_bank: Optional[int] = None,
-        bank_samples_per_class: int = 256,
-        dice_include_background: bool = True,
-        dice_batch: bool = True,
         sup_loss: str = "paper",
         ds_pseudo_steps: int = 0,
         unlabeled_t_min: float = 0.0,
@@ -218,16 +166,8 @@ class DiffCLTrainer(Trainer):
         seed: int = 0,
         amp: bool = False,
         amp_dtype: str = "bfloat16",
-        handlers: Optional[Sequence] = None,
-        non_blocking: bool = False,
+        train_handlers: Optional[Sequence] = None,
         max_epochs: Optional[int] = None,
-        evaluator: Optional[Engine] = None,
-        model_saver: Optional[ModelSaver] = None,
-        train_state_saver: Optional[TrainStateSaver] = None,
-        summary_writer: Optional[Any] = None,
-        output_dir: Optional[Union[str, os.PathLike]] = None,
-        progress: bool = False,
-        resume: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         for name, value in (("max_iterations", max_iterations), ("epoch_length", epoch_length)):
             if int(value) < 1:
@@ -237,14 +177,11 @@ class DiffCLTrainer(Trainer):
                 f"max_epochs={max_epochs} disagrees with ceil(max_iterations / epoch_length) = "
                 f"ceil({max_iterations} / {epoch_length}); leave it out, it is derived."
             )
-        if use_cl and (cs_head is None or ds_head is None or memory_bank is None):
-            raise ValueError("use_cl=True needs cs_head, ds_head and memory_bank.")
         super().__init__(
             device=device,
             max_epochs=math.ceil(max_iterations / epoch_length),
             data_loader=train_data_loader,
             epoch_length=epoch_length,
-            non_blocking=non_blocking,
             handlers=None,
             amp=False,
             decollate=False,
@@ -253,25 +190,17 @@ class DiffCLTrainer(Trainer):
         self.max_iterations = int(max_iterations)
         self.cs_network = cs_network
         self.ds_network = ds_network
-        self.cs_head = cs_head
-        self.ds_head = ds_head
         self.cs_optimizer = cs_optimizer
         self.ds_optimizer = ds_optimizer
-        self.memory_bank = memory_bank if use_cl else None
+        self.contrastive = contrastive
         self.diffusion = diffusion if diffusion is not None else GaussianDiffusion()
         self.num_classes = int(num_classes)
         self.hparams = hyperparams if hyperparams is not None else DEFAULT_HYPERPARAMS
         self.t_max = float(t_max)
-        self.ramp_peak = float(ramp_peak)
         self.unsup_ramp = bool(unsup_ramp)
         self.use_cps = bool(use_cps)
-        self.use_cl = bool(use_cl)
-        self.cl_loss = ContrastiveLabelPropagationLoss(tau=cl_tau, top_k=cl_top_k)
-        self.cl_num_anchors = int(cl_num_anchors)
-        self.cl_num_unlabeled = int(cl_num_unlabeled)
-        self.cl_min_bank = int(cl_num_anchors if cl_min_bank is None else cl_min_bank)
-        self.bank_samples_per_class = int(bank_samples_per_class)
-        self.dice_ce = DiceCELoss(include_background=dice_include_background, batch=dice_batch)
+        self.use_cl = contrastive is not None
+        self.dice_ce = DiceCELoss(include_background=True, batch=True)
         if sup_loss not in SUP_LOSS_FORMS:
             raise ValueError(f"sup_loss must be one of {SUP_LOSS_FORMS}, got {sup_loss!r}.")
         self.sup_loss = sup_loss
@@ -299,45 +228,15 @@ class DiffCLTrainer(Trainer):
         self.scaler = (
             torch.amp.GradScaler("cuda") if self.amp_enabled and self.amp_dtype == torch.float16 else None
         )
-        if handlers is not None:
-            self._register_handlers(handlers)
-        self.evaluator = evaluator
-        self.model_saver = model_saver
-        self.train_state_saver = train_state_saver
-        self.summary_writer = summary_writer
-        self.output_dir = None if output_dir is None else str(output_dir)
-        self._attach_outputs(progress)
-        if resume is not None:
-            resume_training(self, resume, model_saver)
-
-    def _attach_outputs(self, progress: bool) -> None:
-        """Savers, validation and learning-rate logging, ``train.log`` and the progress bar, in this order."""
-        if self.model_saver is not None:
-            self.model_saver.attach(self, self.evaluator)
-        if self.train_state_saver is not None:
-            self.train_state_saver.attach(self)
-        main = _rank_world()[0] == 0
-        writer = self.summary_writer
-        at_iteration = lambda _: self.state.iteration  # noqa: E731
-        quiet = dict(output_transform=lambda _: None, iteration_log=False, global_epoch_transform=at_iteration)
-        if self.evaluator is not None and main:
-            ValidationLog(self).attach(self.evaluator)
-            if writer is not None:
-                TensorBoardStatsHandler(writer, **quiet).attach(self.evaluator)
-        if writer is not None:
-            lrs = lambda _: self.learning_rates()  # noqa: E731
-            TensorBoardStatsHandler(writer, output_transform=lrs, epoch_log=False).attach(self)
-        if self.output_dir is not None and main:
-            attach_file_logger(self.output_dir)
-        if progress and main:
-            IterationProgressBar(self.max_iterations, LOSS_KEYS).attach(self)
+        self.train_handlers = list(train_handlers or [])
+        self._register_handlers(self.train_handlers)
 
     def close(self) -> None:
-        """Close the TensorBoard writer and detach ``train.log`` (the bundles' ``finalize``)."""
-        if self.summary_writer is not None:
-            self.summary_writer.close()
-        if self.output_dir is not None:
-            detach_file_logger(self.output_dir)
+        """Close what the run's handlers hold open (:class:`~diffcl_algo.training.handlers.RunLog`: ``train.log`` and
+        the TensorBoard writer); the bundles' ``finalize``."""
+        for handler in self.train_handlers:
+            if isinstance(handler, RunLog):
+                handler.close()
 
     # ------------------------------------------------------------------ running / resuming
     def run(self) -> None:  # type: ignore[override]
@@ -356,6 +255,15 @@ class DiffCLTrainer(Trainer):
         """Current learning rates ``{"lr_cs": ..., "lr_ds": ...}`` (first parameter group of each optimizer)."""
         return {"lr_cs": self.cs_optimizer.param_groups[0]["lr"], "lr_ds": self.ds_optimizer.param_groups[0]["lr"]}
 
+    def _contrastive_parts(self) -> dict[str, Optional[nn.Module]]:
+        """The modules of ``L_cl`` under their ``train_state.pt`` names (None without ``contrastive``)."""
+        cl = self.contrastive
+        return {
+            "cs_head": None if cl is None else cl.cs_head,
+            "ds_head": None if cl is None else cl.ds_head,
+            "memory_bank": None if cl is None else cl.memory_bank,
+        }
+
     def train_state(self) -> dict[str, Any]:
         """Everything needed to resume exactly (tensors and primitive containers only)."""
 
@@ -365,11 +273,9 @@ class DiffCLTrainer(Trainer):
         return {
             "cs_network": sd(self.cs_network),
             "ds_network": sd(self.ds_network),
-            "cs_head": sd(self.cs_head),
-            "ds_head": sd(self.ds_head),
+            **{name: sd(module) for name, module in self._contrastive_parts().items()},
             "cs_optimizer": self.cs_optimizer.state_dict(),
             "ds_optimizer": self.ds_optimizer.state_dict(),
-            "memory_bank": sd(self.memory_bank),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "iteration": int(self.state.iteration),
             "epoch": int(self.state.iteration // self.state.epoch_length),
@@ -384,8 +290,8 @@ class DiffCLTrainer(Trainer):
         if int(state["seed"]) != self.seed:
             warnings.warn(f"Resuming with the checkpoint's seed {int(state['seed'])}, not {self.seed}.", stacklevel=2)
             self.seed = int(state["seed"])
-        for name in ("cs_network", "ds_network", "cs_head", "ds_head", "memory_bank"):
-            module = getattr(self, name)
+        modules = {"cs_network": self.cs_network, "ds_network": self.ds_network, **self._contrastive_parts()}
+        for name, module in modules.items():
             if module is not None and state.get(name) is not None:
                 unwrap(module).load_state_dict(state[name])
         self.cs_optimizer.load_state_dict(state["cs_optimizer"])
@@ -413,24 +319,24 @@ class DiffCLTrainer(Trainer):
                 f"Data loader out of sync: batch of iteration {int(batchdata['iteration'])} at engine iteration {i}."
             )
         device = engine.state.device
-        rank, _ = _rank_world()
-        torch.manual_seed(derive_seed(self.seed, _GLOBAL_RNG, i, rank))  # dropout and any other global-RNG use
+        rank, _ = rank_world()
+        torch.manual_seed(derive_seed(self.seed, SeedStream.GLOBAL_RNG, i, rank))  # dropout, any global-RNG use
         gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(self.seed, _GENERATOR, i, rank))
+        gen.manual_seed(derive_seed(self.seed, SeedStream.GENERATOR, i, rank))
         self._set_lr(i)
 
-        x = batchdata["image"].to(device, non_blocking=self.non_blocking).float()
-        y = batchdata["label"].to(device, non_blocking=self.non_blocking).long()
+        x = batchdata["image"].to(device).float()
+        y = batchdata["label"].to(device).long()
         if y.ndim == x.ndim - 1:
             y = y.unsqueeze(1)
         nl = y.shape[0]
-        ramp = gaussian_ramp(continuous_epoch(i, engine.state.epoch_length), self.t_max, self.ramp_peak)
+        ramp = gaussian_ramp(continuous_epoch(i, engine.state.epoch_length), self.t_max, self.RAMP_PEAK)
         hp = self.hparams
         beta1, beta2 = hp.beta1(ramp), hp.beta2(ramp)
         use_ds = self.use_cps or self.use_cl
         x_cs = x if use_ds else x[:nl]
         x_ds = x if self.use_cps else x[:nl]
-        for m in (self.cs_network, self.ds_network, self.cs_head, self.ds_head):
+        for m in (self.cs_network, self.ds_network, self.contrastive):
             if m is not None:
                 m.train()
 
@@ -460,9 +366,9 @@ class DiffCLTrainer(Trainer):
             loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2, mask=mask_cs)  # eq. 7 (line 10)
             loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1, mask=mask_ds)  # eq. 6 (line 11)
         loss_cl = zero
-        if self.use_cl:
-            loss_cl = self._contrastive(ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen)  # eq. 15 (line 12)
-        unsup = ramp / self.ramp_peak if self.unsup_ramp else 1.0
+        if self.contrastive is not None:  # eq. 15 (line 12)
+            loss_cl = self.contrastive(ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen, autocast=self._autocast)
+        unsup = ramp / self.RAMP_PEAK if self.unsup_ramp else 1.0
         loss_ds = loss_sup_ds + hp.mu1 * unsup * loss_cps_ds  # eq. 16
         loss_cs = loss_sup_cs + hp.mu2 * unsup * (loss_cps_cs + hp.eta * loss_cl)  # eq. 17 with eq. 22 (line 13)
         loss = loss_cs + loss_ds
@@ -487,10 +393,11 @@ class DiffCLTrainer(Trainer):
 
         values = (loss_sup_cs, loss_sup_ds, loss_cps_cs, loss_cps_ds, loss_cl, ramp, loss_cs, loss_ds, loss)
         out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in zip(LOSS_KEYS, values)}
+        out.update(self.learning_rates())
         if HIDDEN_LABEL in batchdata and self.use_cps:
             hidden = batchdata[HIDDEN_LABEL].to(device).long()
-            out["pseudo_dice_cs"] = _foreground_dice(pseudo_cs, hidden)
-            out["pseudo_dice_ds"] = _foreground_dice(pseudo_ds, hidden)
+            out["pseudo_dice_cs"] = foreground_dice(pseudo_cs, hidden)
+            out["pseudo_dice_ds"] = foreground_dice(pseudo_ds, hidden)
         return out
 
     def _ds_pseudo_probs(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -519,52 +426,3 @@ class DiffCLTrainer(Trainer):
         if self.sup_loss == "field":
             return self.field_dice_ce(logits, y, ce_weight=0.5, dice_weight=0.5)
         return self.dice_ce(logits, y, beta)
-
-    def _contrastive(
-        self,
-        ds_logits_l: torch.Tensor,
-        ds_feat_l: torch.Tensor,
-        y: torch.Tensor,
-        cs_feat_u: torch.Tensor,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
-        """Memory-bank update and ``L_cl`` (eq. 11-15) of one iteration.
-
-        Args:
-            ds_logits_l: (b_l, C, *S) DS logits of the labeled images.
-            ds_feat_l: (b_l, F, *S) DS decoder features of the labeled images.
-            y: (b_l, 1, *S) labels.
-            cs_feat_u: (b_u, F, *S) CS decoder features of the unlabeled images.
-            gen: this iteration's generator.
-        """
-        bank = self.memory_bank
-        with torch.no_grad():  # the bank is detached: the DS head gets no gradient
-            labels = y.reshape(-1)
-            correct = class_argmax(ds_logits_l).reshape(-1) == labels
-            chosen = []
-            for c in range(self.num_classes):
-                idx = torch.nonzero(correct & (labels == c)).flatten()
-                if idx.numel() > self.bank_samples_per_class:
-                    idx = idx[torch.randperm(idx.numel(), generator=gen, device=idx.device)]
-                    idx = idx[: self.bank_samples_per_class]
-                chosen.append(idx)
-            idx = torch.cat(chosen)
-            # the (voxel-wise) DS head runs on the chosen voxels only, like the CS head below
-            feats = self._project(self.ds_head, ds_feat_l, idx)
-            bank.enqueue(all_gather_variable(feats), all_gather_variable(labels[idx]))
-            anchors = bank.sample(self.cl_num_anchors, generator=gen, min_count=self.cl_min_bank)
-        voxels = cs_feat_u.shape[0] * cs_feat_u[0, 0].numel()
-        pick = torch.randperm(voxels, generator=gen, device=cs_feat_u.device)[: self.cl_num_unlabeled]
-        return self.cl_loss(anchors, self._project(self.cs_head, cs_feat_u, pick))
-
-    def _project(self, head: nn.Module, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Projections of the voxels ``index`` (flat over batch and space) of ``features`` (B, F, *S): (n, d).
-
-        The head is voxel-wise (1x1 convolutions), so it runs on the gathered voxels arranged as a (1, F, n, 1, 1)
-        volume: the same features, its batch-norm statistics estimated from those n voxels.
-        """
-        per_case = features[0, 0].numel()
-        picked = features.reshape(features.shape[0], features.shape[1], -1)[index // per_case, :, index % per_case]
-        with self._autocast():
-            out = head(picked.T.reshape((1, features.shape[1], -1) + (1,) * (features.ndim - 3)))
-        return out.float().reshape(out.shape[1], -1).T

@@ -8,7 +8,6 @@ changes (its first comment lines describe the dataset). :func:`compose` merges t
 ``bundles/<dataset>/configs/{train,evaluate,inference}.yaml`` as one self-contained file, so a bundle folder has no
 macro, loads from any working directory and can be copied elsewhere; ``--check`` reports files that differ from what
 would be written. The written files keep the graph's comments (the value of a top-level line, the section headers).
-:func:`check_override_ids` refuses an override id a config lacks, naming the closest one (both runners call it).
 """
 
 from __future__ import annotations
@@ -16,24 +15,23 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import yaml
 from monai.bundle import ConfigParser
-from monai.bundle.utils import ID_SEP_KEY, MERGE_KEY
+from monai.bundle.utils import MERGE_KEY
 
 __all__ = [
     "CONFIG_DIR",
     "DATASETS",
     "WORKFLOWS",
-    "check_override_ids",
     "compose",
     "dataset_values",
     "render",
     "write_bundles",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The graph (``train.yaml`` and its overrides) and ``datasets/<dataset>.yaml``."""
 
 DATASETS = ("la", "brats", "pancreas")
@@ -93,37 +91,6 @@ def dataset_values(dataset: str) -> dict[str, Any]:
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; the bundles are {list(DATASETS)}.")
     return dict(ConfigParser.load_config_file(str(CONFIG_DIR / "datasets" / f"{dataset}.yaml")))
-
-
-def check_override_ids(config: dict, overrides: Sequence[str], source: str) -> None:
-    """Refuse override ids that a config does not have (nested ids: every level must exist).
-
-    MONAI's bundle CLI adds an unknown id as a new, unused value and runs with the default; this stops first.
-
-    Args:
-        config: the merged config content (``ConfigParser.get()``).
-        overrides: ids as given on the command line or to the runner (``"num_labeled"``,
-            ``"train#trainer#max_epochs"``).
-        source: how to name the config in the message (its files, or the bundle and workflow).
-
-    Raises:
-        ValueError: naming the unknown option and the closest valid id, e.g. ``unknown option --num_labled:
-            bundles/la/configs/train.yaml has no id 'num_labled'; did you mean --num_labeled?``.
-    """
-    for override in overrides:
-        node: Any = config
-        path: list[str] = []
-        for part in str(override).replace(ID_SEP_KEY, "#").split("#"):
-            keys = [str(k) for k in node] if isinstance(node, dict) else [str(i) for i in range(len(node))]
-            if part not in keys:
-                near = difflib.get_close_matches(part, [k for k in keys if not k.startswith("_")], n=1, cutoff=0.6)
-                prefix = "#".join(path + [""])
-                hint = f"; did you mean --{prefix}{near[0]}?" if near else ""
-                raise ValueError(f"unknown option --{override}: {source} has no id '{prefix}{part}'{hint}")
-            node = node[part] if isinstance(node, dict) else node[int(part)]
-            path.append(part)
-            if not isinstance(node, (dict, list)):
-                break
 
 
 def compose(workflow: str, dataset: Optional[str] = None) -> dict[str, Any]:

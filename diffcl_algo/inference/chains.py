@@ -1,4 +1,10 @@
-"""A user's scan in, a mask out on the scan's own grid: the inference pipeline of every bundle.
+"""The pre- and postprocessing chains of the bundles' evaluation and inference (MONAI transforms).
+
+Evaluation (:func:`eval_preprocessing`, :func:`eval_postprocessing`): whole h5 / NIfTI volumes as training's
+validation reads them, named by case; argmax, ``<output_dir>/<case>.nii.gz`` on the volume's own grid.
+
+Inference (:func:`scan_preprocessing`, :func:`scan_postprocessing`): a user's scan in, a mask out on the scan's own
+grid.
 
 The field's training data are crops of whole scans, each z-scored on the whole scan before the crop (UA-MT's LA
 preprocessing: ``(image - mean) / std`` of the whole NRRD volume, then a crop around the atrium's bounding box in
@@ -16,21 +22,20 @@ MONAI transforms, all invertible except the intensity steps:
    (``model_spacing``); the field's h5 files already have both (no-ops there);
 5. a z-score of the volume as the network sees it (``NormalizeIntensityd``) when training used one
    (``normalize``: the bundles' ``normalize_intensity``) or when the dataset z-scored its crops (Pancreas);
-6. float32 tensor and the case name (:class:`~diffcl_algo.evaluation.CaseNamed`).
+6. float32 tensor and the case name (:class:`~diffcl_algo.data.cases.CaseNamed`).
 
 :func:`scan_postprocessing` then undoes steps 3-4 on the class probabilities with MONAI's ``Invertd`` (linear
 interpolation), takes the argmax and writes ``<output_dir>/<case>.nii.gz`` with ``SaveImaged`` on the input's own
-grid and affine (shape, orientation, spacing, obliqueness). :func:`predict_scan` runs the same chain for one file
-from Python.
+grid and affine (shape, orientation, spacing, obliqueness). :func:`diffcl_algo.inference.predict.predict_scan` runs
+the same chain for one file from Python.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Sequence, Union
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection, PathLike
-from monai.data import MetaTensor
 from monai.transforms import (
     AsDiscreted,
     Compose,
@@ -41,14 +46,13 @@ from monai.transforms import (
     Spacingd,
     SpatialCropd,
 )
-from torch import nn
 
+from diffcl_algo.data.cases import CaseNamed, save_prediction
 from diffcl_algo.data.intensity import ZSCORE_AFTER_CROP, ScanNormalized
 from diffcl_algo.data.io import LoadH5d
-from diffcl_algo.evaluation import CaseNamed, save_prediction
-from diffcl_algo.inference import DiffCLSlidingWindowInferer
+from diffcl_algo.data.transforms import val_transforms
 
-__all__ = ["check_roi", "scan_preprocessing", "scan_postprocessing", "predict_scan"]
+__all__ = ["check_roi", "eval_postprocessing", "eval_preprocessing", "scan_postprocessing", "scan_preprocessing"]
 
 
 class _Spacingd(Spacingd):
@@ -148,41 +152,39 @@ def scan_postprocessing(
     return Compose(steps)
 
 
-@torch.no_grad()
-def predict_scan(
-    net: nn.Module,
-    path: PathLike,
-    patch_size: Sequence[int],
-    strides: Union[Sequence[int], int],
-    output_dir: PathLike | None = None,
-    sw_batch_size: int = 1,
-    device: Union[torch.device, str, None] = None,
-    return_label: bool = True,
-    **preprocessing: Any,
-) -> MetaTensor:
-    """Segment one scan file with the bundle's inference chain; the mask is on the file's own grid.
+def eval_preprocessing(
+    spacing: float | Sequence[float] | None = None,
+    case_key: str = "case",
+    normalize: bool = False,
+    scan_norm: str = "zscore",
+) -> Compose:
+    """Whole-volume loading (:func:`~diffcl_algo.data.transforms.val_transforms`) followed by :class:`CaseNamed`.
 
     Args:
-        net: the CS network (put in eval mode here).
-        path: image file (NIfTI, NRRD, h5, ...).
-        patch_size, strides, sw_batch_size: the sliding window of
-            :class:`~diffcl_algo.inference.DiffCLSlidingWindowInferer`.
-        output_dir: also write ``<output_dir>/<case>.nii.gz``.
-        device: where the network runs (default: the network's device).
-        return_label: return the label map; False: the class probabilities (nothing is written then).
-        preprocessing: keyword arguments of :func:`scan_preprocessing` (``model_spacing``, ``orientation``,
-            ``roi``, ``normalize``, ``spacing``, ``scan_norm``).
+        spacing: voxel size given to the h5 reader (None: the file's attribute, else the LA spacing).
+        case_key: datalist key of the case name.
+        normalize: z-score each image volume, as the model's training did (``normalize_intensity``).
+        scan_norm: normalisation of raw (non-h5) scans (:class:`~diffcl_algo.data.intensity.ScanNormalized`).
 
     Returns:
-        (1, *S) label map, or (C, *S) probabilities, as a MetaTensor with the input's affine (S: the input's
-        spatial shape).
+        ``Compose`` mapping ``{"image": path, "label": path[, "case": name]}`` to float32 MetaTensors (1, *S)
+        plus ``"case"``.
     """
-    pre = scan_preprocessing(**preprocessing)
-    item = pre({"image": str(path)})
-    device = device if device is not None else next(net.parameters()).device
-    net.eval()
-    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size)
-    image = item["image"]
-    item["pred"] = inferer(image[None].to(device), net)[0].cpu()  # Invertd reads the geometry from item["image"]
-    post = scan_postprocessing(pre, output_dir if return_label else None, argmax=return_label)
-    return post(item)["pred"]
+    chain = val_transforms(spacing=spacing, normalize=normalize, scan_norm=scan_norm)
+    return Compose([chain, CaseNamed("image", case_key=case_key)])
+
+
+def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> Compose:
+    """Argmax of ``pred``, then (if ``save_predictions``) ``SaveImaged`` as ``<output_dir>/<case>.nii.gz``.
+
+    The saved prediction is a uint8 label map with the image's spatial shape and affine (no resampling); its
+    path is recorded in the prediction's metadata (``saved_to``) for ``cases.json``.
+
+    Args:
+        output_dir: where predictions go.
+        save_predictions: write the NIfTI predictions.
+    """
+    transforms: list = [AsDiscreted(keys="pred", argmax=True)]
+    if save_predictions:
+        transforms.append(save_prediction(output_dir))
+    return Compose(transforms)
