@@ -1,4 +1,4 @@
-"""Tests of diffcl_algo.checkpoint: atomic writes, clear resume errors, the ignite savers."""
+"""Tests of diffcl_algo.training.checkpoint: atomic writes, clear resume errors, the ignite savers."""
 
 from __future__ import annotations
 

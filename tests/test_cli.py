@@ -1,4 +1,4 @@
-"""Command line (diffcl_algo.cli, diffcl_algo.run_bundle): help for every command, checked bundle options, one-line
+"""Command line (diffcl_algo.cli, diffcl_algo.bundle.run): help for every command, checked bundle options, one-line
 errors for the bad inputs a user meets first."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of diffcl_algo.inference: field window placement, softmax averaging, padding."""
+"""Tests of diffcl_algo.inference.inferer and .predict: field window placement, softmax averaging, padding."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def medpy_metrics(pred: np.ndarray, label: np.ndarray, spacing=None) -> dict[str
     }
 
 
-# Forced nearest-border strategies of diffcl_algo.metrics (module constants); "auto" keeps the defaults.
+# Forced nearest-border strategies of diffcl_algo.evaluation.metrics (module constants); "auto" keeps the defaults.
 STRATEGIES = {
     "auto": {},
     "kdtree": {"_KDTREE_MAX_BORDER_FRACTION": np.inf, "_KDTREE_RADIUS_VOXELS": np.inf},

@@ -1,4 +1,5 @@
-"""Feedback handlers (diffcl_algo.progress): the run-long training bar, per-case Dice, validation lines."""
+"""Feedback handlers (diffcl_algo.training.handlers, diffcl_algo.evaluation.handlers): the run-long training bar,
+per-case Dice, validation lines."""
 
 from __future__ import annotations
 

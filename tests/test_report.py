@@ -1,4 +1,5 @@
-"""Tests of diffcl_algo.report on a synthetic run: TensorBoard curves, metric tables, overlays, missing inputs."""
+"""Tests of diffcl_algo.evaluation.report on a synthetic run: TensorBoard curves, metric tables, overlays,
+missing inputs."""
 
 from __future__ import annotations
 

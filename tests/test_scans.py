@@ -1,4 +1,5 @@
-"""A user's own scans through the inference pipeline (diffcl_algo.scans, the bundles' inference graph).
+"""A user's own scans through the inference pipeline (diffcl_algo.inference.chains and .predict, the bundles'
+inference graph).
 
 One synthetic scan (z-scored, 0.625 mm) and copies of it stored as raw int16 intensities, with a flipped axis, with an
 oblique affine, as NRRD, and resampled to another spacing: through the LA bundle's ``preprocessing`` they reach the

@@ -78,7 +78,7 @@ def fold_split(datalist: PathLike, dataroot: Optional[PathLike], fold: int) -> t
 
 
 def training_arguments(config: Mapping[str, Any], training: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The graph overrides of ``diffcl_algo.training.build_trainer``: the config without its template keys.
+    """The graph overrides of ``diffcl_algo.bundle.run.build_trainer``: the config without its template keys.
 
     ``num_labeled`` None becomes the number of labeled training cases; ``val_interval`` is clipped to
     ``max_iterations`` so that every run ends with a validated score.
@@ -108,7 +108,7 @@ def train(config_file: ConfigFiles, **override: Any) -> dict[str, Any]:
     """Train one fold (``scripts/train.py run --config_file <configs> [--key value ...]``).
 
     Returns:
-        The summary of ``diffcl_algo.training.train`` (``best_metric``, ``model_path``, ...).
+        The summary of ``diffcl_algo.bundle.run.train`` (``best_metric``, ``model_path``, ...).
     """
     config = load_config(config_file, override)
     out = Path(config["ckpt_path"])
@@ -180,7 +180,9 @@ class InferClass:
         config = load_config(config_file, override, known_only=True)
         self.save_mask = bool(config["infer"]["save_mask"])
         self.output_path = config["infer"]["output_path"]
-        values = {**trained_values(config, override), "dataset_dir": None, "output_dir": self.output_path}
+        # training read the images in their stored voxel order (no reorientation), so inference keeps it too
+        values = {"orientation": None, **trained_values(config, override), "dataset_dir": None}
+        values["output_dir"] = self.output_path
         graph = load_bundle(None, "inference", **values)
         self.device = graph.get_parsed_content("device")
         self.network = graph.get_parsed_content("network")

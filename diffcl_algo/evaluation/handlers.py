@@ -103,43 +103,50 @@ class MedpyMetricHandler(IgniteMetricHandler):
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
 
-class MedpyDice(MedpyMetricHandler):
+class _OverlapHandler(MedpyMetricHandler):
+    metric = ""
+
+    def __init__(self, output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
+        super().__init__(self.metric, output_transform=output_transform, save_details=save_details)
+
+
+class _DistanceHandler(MedpyMetricHandler):
+    metric = ""
+
+    def __init__(
+        self, spacing: SpacingLike = None, output_transform: Callable = lambda x: x, save_details: bool = True
+    ) -> None:
+        super().__init__(self.metric, spacing=spacing, output_transform=output_transform, save_details=save_details)
+
+
+class MedpyDice(_OverlapHandler):
     """Mean Dice (``medpy.metric.binary.dc``); both-empty cases score 1, one-empty cases 0."""
 
-    def __init__(self, output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
-        super().__init__("dice", output_transform=output_transform, save_details=save_details)
+    metric = "dice"
 
 
-class MedpyJaccard(MedpyMetricHandler):
+class MedpyJaccard(_OverlapHandler):
     """Mean Jaccard (``medpy.metric.binary.jc``); both-empty cases score 1, one-empty cases 0."""
 
-    def __init__(self, output_transform: Callable = lambda x: x, save_details: bool = True) -> None:
-        super().__init__("jaccard", output_transform=output_transform, save_details=save_details)
+    metric = "jaccard"
 
 
-class MedpyHD95(MedpyMetricHandler):
+class MedpyHD95(_DistanceHandler):
     """Mean 95% Hausdorff distance (``medpy.metric.binary.hd95``) in ``spacing`` units (voxels when None).
 
     Both-empty cases score 0; one-empty cases score the volume diagonal (see ``diffcl_algo.evaluation.metrics``).
     """
 
-    def __init__(
-        self, spacing: SpacingLike = None, output_transform: Callable = lambda x: x, save_details: bool = True
-    ) -> None:
-        super().__init__("hd95", spacing=spacing, output_transform=output_transform, save_details=save_details)
+    metric = "hd95"
 
 
-class MedpyASD(MedpyMetricHandler):
+class MedpyASD(_DistanceHandler):
     """Mean average surface distance (``medpy.metric.binary.asd``, prediction -> label) in ``spacing`` units.
 
     Both-empty cases score 0; one-empty cases score the volume diagonal (see ``diffcl_algo.evaluation.metrics``).
     """
 
-    def __init__(
-        self, spacing: SpacingLike = None, output_transform: Callable = lambda x: x, save_details: bool = True
-    ) -> None:
-        super().__init__("asd", spacing=spacing, output_transform=output_transform, save_details=save_details)
-
+    metric = "asd"
 
 
 def _items(batch: Any, output: Any) -> list[tuple[Mapping, Mapping]]:

@@ -4,8 +4,8 @@
 ``output_dir`` (default ``<run_dir>/report``):
 
 - ``metrics.md`` / ``metrics.csv``: per-case Dice, Jaccard, 95HD, ASD and mean ± std (population std, as
-  :func:`diffcl_algo.metrics.summarize`) of each run, from ``<eval_dir>/metrics.csv`` (written by
-  :class:`diffcl_algo.evaluation.CaseMetricsWriter`); several runs side by side with ``runs=``;
+  :func:`diffcl_algo.evaluation.metrics.summarize`) of each run, from ``<eval_dir>/metrics.csv`` (written by
+  :class:`diffcl_algo.evaluation.handlers.CaseMetricsWriter`); several runs side by side with ``runs=``;
 - ``curves.png``: one panel per TensorBoard scalar tag found in the run directories (the trainer's loss terms
   ``loss_sup_cs`` ... ``loss``, ``ramp``, learning rates, validation ``val_mean_dice`` ...), one line per run;
 - ``overlay_best.png`` / ``overlay_worst.png``: the case with the highest / lowest Dice of the first run with an

@@ -161,7 +161,7 @@ class TrainStateSaver:
         interval: iterations between saves (``>= 1``; a run that saves only at the end could not be resumed after a
             crash: use ``interval = max_iterations`` for that on purpose).
         filename: file name (default ``train_state.pt``).
-        model_saver: its best metric / iteration are stored too and restored by ``resume``.
+        model_saver: its best metric / iteration are stored too and restored by ``TrainStateLoader``.
         config: plain config summary (primitives only) stored under ``"config"``.
     """
 

@@ -78,8 +78,8 @@ class GuardedValidationHandler(ValidationHandler):
 
     A long run can meet a validation failure that the up-front data check could not see (a file corrupted or
     removed after training started, a transform or an evaluator handler raising). The failure is logged on
-    ``diffcl_algo.handlers`` (so in ``train.log``) with the training iteration, the case(s) being validated and the
-    error, then, per ``val_error``:
+    ``diffcl_algo.training.handlers`` (so in ``train.log``) with the training iteration, the case(s) being validated
+    and the error, then, per ``val_error``:
 
     * ``"raise"``: training stops; a ``RuntimeError`` naming the iteration and the case(s), chained to the
       original exception, propagates out of ``trainer.run()`` (``train_state.pt`` holds the last periodic save).

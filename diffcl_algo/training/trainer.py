@@ -92,8 +92,9 @@ class DiffCLTrainer(Trainer):
     unlabeled patches against their hidden labels (logged only; nothing is trained on them).
 
     Outputs and logs are handlers (``train_handlers``, the bundle's ``train#handlers``): validation
-(``GuardedValidationHandler``), ``model.pt`` / ``train_state.pt`` (:mod:`diffcl_algo.training.checkpoint`, resuming
-included), console / TensorBoard / ``train.log`` lines and the progress bar (:mod:`diffcl_algo.training.handlers`).
+    (``GuardedValidationHandler``), ``model.pt`` / ``train_state.pt`` (:mod:`diffcl_algo.training.checkpoint`,
+    resuming included), console / TensorBoard / ``train.log`` lines and the progress bar
+    (:mod:`diffcl_algo.training.handlers`).
 
     Args:
         device: training device.
