@@ -6,10 +6,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.schedulers.scheduler import NoiseSchedules
+from torch import nn
 
-__all__ = ["GaussianDiffusion"]
+__all__ = ["DiffusionSegmenter", "GaussianDiffusion"]
 
 SCHEDULES = ("cosine", "linear")
+#: how a one-hot map becomes the diffused signal ``Y_0``: ``unit`` = ``scale * Y`` (the paper: ``Y`` in {0, 1});
+#: ``symmetric`` = ``scale * (2 Y - 1)`` (in {-scale, scale}, GenericSSL's and bit diffusion's labels)
+LABEL_SIGNALS = ("unit", "symmetric")
 
 
 def _randn(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -32,18 +36,31 @@ class GaussianDiffusion:
     - ``"linear"`` (Ho et al. 2020): betas linear from ``1e-4 * 1000 / T`` to ``0.02 * 1000 / T`` (DDPM's
       values at ``T = 1000``, scaled as Improved DDPM does for other ``T``), clipped at 0.999.
 
+    The diffused signal is :meth:`encode` of the one-hot map: ``label_signal="unit"`` (the paper) keeps it in
+    ``{0, 1}``, ``"symmetric"`` maps it to ``{-1, 1}``; ``label_scale`` multiplies it (a larger signal keeps more of
+    the label at a given ``t``, a smaller one less).
+
     Args:
         timesteps: number of diffusion steps ``T``.
         schedule: ``"cosine"`` or ``"linear"``.
+        label_signal: ``"unit"`` or ``"symmetric"`` (:data:`LABEL_SIGNALS`).
+        label_scale: factor of the signal (> 0).
 
     Attributes:
         betas: (T,) float64, ``betas[t - 1]`` is beta_t.
         alphas_cumprod: (T + 1,) float64, ``abar_t`` indexed by ``t`` in 0..T.
     """
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "cosine") -> None:
+    def __init__(
+        self, timesteps: int = 1000, schedule: str = "cosine", label_signal: str = "unit", label_scale: float = 1.0
+    ) -> None:
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        if label_signal not in LABEL_SIGNALS or not float(label_scale) > 0:
+            raise ValueError(
+                f"label_signal must be one of {LABEL_SIGNALS} and label_scale > 0, got {label_signal!r}, {label_scale}"
+            )
+        self.label_signal, self.label_scale = label_signal, float(label_scale)
         if schedule == "cosine":
             betas = NoiseSchedules["cosine"](timesteps)[0]
         elif schedule == "linear":
@@ -55,6 +72,11 @@ class GaussianDiffusion:
         self.schedule = schedule
         self.betas = betas.double().clamp(0.0, 0.999)
         self.alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - self.betas, 0)])
+
+    def encode(self, probs: torch.Tensor) -> torch.Tensor:
+        """The diffused signal ``Y_0`` of a one-hot map or of class probabilities (B, C, *S) (class docstring)."""
+        signal = 2.0 * probs - 1.0 if self.label_signal == "symmetric" else probs
+        return self.label_scale * signal
 
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` for timesteps ``t`` (B,), shaped (B, 1, ..., 1) to broadcast over ``like`` (B, C, *S)."""
@@ -123,7 +145,7 @@ class GaussianDiffusion:
 
         Timesteps ``tau_1 < ... < tau_S = T`` are ``round(i T / S)``; ``tau_0 = 0`` (``abar = 1``). Starting from
         ``Y_T ~ N(0, I)`` of shape (B, num_classes, *S), each step calls ``model(x, Y_t, t)`` -> logits and sets
-        ``x0_hat = softmax(logits)`` (the clean one-hot estimate), ``eps_hat = (Y_t - sqrt(abar_t) x0_hat) /
+        ``x0_hat = encode(softmax(logits))`` (the clean signal's estimate), ``eps_hat = (Y_t - sqrt(abar_t) x0_hat) /
         sqrt(1 - abar_t)`` (eq. 3 solved for eps) and, with ``s = tau_{i-1}``,
         ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)``,
         ``Y_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z`` (eq. 2 for ``eta = 0``).
@@ -139,7 +161,7 @@ class GaussianDiffusion:
             generator: optional random generator for ``Y_T`` and the ``eta > 0`` noise.
 
         Returns:
-            the final ``x0_hat``: class probabilities (B, num_classes, *S), summing to 1 over dim 1.
+            the last step's class probabilities ``softmax(logits)`` (B, num_classes, *S), summing to 1 over dim 1.
         """
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"steps must be in 1..{self.timesteps}, got {steps}")
@@ -150,7 +172,8 @@ class GaussianDiffusion:
         y = _randn((batch, num_classes, *x.shape[2:]), x, generator)
         for t, s in zip(reversed(taus[1:]), reversed(taus[:-1])):
             t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-            x0_hat = torch.softmax(model(x, y, t_batch), dim=1)
+            probs = torch.softmax(model(x, y, t_batch), dim=1)
+            x0_hat = self.encode(probs)
             abar_t = float(self.alphas_cumprod[t])
             abar_s = float(self.alphas_cumprod[s])
             eps_hat = (y - abar_t**0.5 * x0_hat) / (1.0 - abar_t) ** 0.5
@@ -158,4 +181,32 @@ class GaussianDiffusion:
             y = abar_s**0.5 * x0_hat + max(1.0 - abar_s - sigma**2, 0.0) ** 0.5 * eps_hat
             if sigma > 0:
                 y = y + sigma * _randn(y.shape, y, generator)
-        return x0_hat
+        return probs
+
+
+class DiffusionSegmenter(nn.Module):
+    """The DS as a segmenter of the image alone: DDIM from pure noise (eq. 2-3), ``forward(x) -> log-probabilities``.
+
+    What the DS predicts when it is given no label, to compare with the CS (the paper infers with the CS only). Every
+    call draws ``Y_T`` from a generator seeded with ``seed``, so a sliding-window evaluation is deterministic.
+
+    Args:
+        network: the DS, ``network(x, y_t, t) -> logits`` (``DiffusionSegNet``).
+        diffusion: its ``GaussianDiffusion``.
+        num_classes: classes of the segmentation.
+        steps: DDIM steps.
+        seed: seed of ``Y_T``.
+    """
+
+    def __init__(
+        self, network: nn.Module, diffusion: GaussianDiffusion, num_classes: int, steps: int = 10, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.network, self.diffusion = network, diffusion
+        self.num_classes, self.steps, self.seed = int(num_classes), int(steps), int(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, *S) image -> (B, num_classes, *S) log class probabilities (softmax gives them back)."""
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        probs = self.diffusion.ddim_sample(self.network, x, self.num_classes, self.steps, generator=generator)
+        return probs.clamp_min(1e-8).log()

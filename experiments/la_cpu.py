@@ -9,10 +9,15 @@ workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mea
     python experiments/la_cpu.py table --rows "reference sup"
     python experiments/la_cpu.py cases --rows "reference sup" --num_labeled 8 --seed 0
     python experiments/la_cpu.py monitor --rows "full cps" --num_labeled 8 --seed 0
+    python experiments/la_cpu.py run full --num_labeled 4 --seed 1 --fold 2      # report on the 3rd block from the end
+    python experiments/la_cpu.py compare full sup --num_labeled 4               # paired, over every seed and fold
 
 Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``) and the Table 6 rows
 ``sup``, ``cps``, ``cps_hfm``, ``full`` of the bundle; ``--set`` adds bundle overrides (``id=value`` pairs) and
-``--name`` names the result folder (default: the row).
+``--name`` names the result folder (default: the row). ``--fold k`` rotates the report split (``report_fold``:
+the k-th block of 16 cases from the end of train.list; 5 folds report on every case once); its results go to
+``l<labeled>_s<seed>_f<k>`` (fold 0: ``l<labeled>_s<seed>``). ``compare`` pairs two rows case by case over every
+seed and fold both have.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ ROWS = {
     "full": {"use_cps": "true", "use_hfm": "true", "use_cl": "true"},
 }
 #: Network / data ids that evaluation must share with training.
-SHARED_IDS = ("use_hfm", "residual", "normalize_intensity", "n_filters", "norm", "dataset_dir")
+SHARED_IDS = ("use_hfm", "residual", "normalize_intensity", "n_filters", "norm", "dataset_dir", "report_fold",
+              "label_signal", "label_scale")  # fmt: skip
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
@@ -74,11 +80,11 @@ def _bundle(workflow: str, configs: list[str], overrides: dict[str, str], log: P
         raise RuntimeError(f"{workflow} failed (exit {done.returncode}); see {log}")
 
 
-def _last_weights(run_dir: Path) -> Path:
-    """``model_last.pt``: the CS weights of the final ``train_state.pt``."""
+def _last_weights(run_dir: Path, network: str = "cs_network") -> Path:
+    """``model_last.pt`` (``model_ds_last.pt``): the CS (DS) weights of the final ``train_state.pt``."""
     state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
-    path = run_dir / "model_last.pt"
-    torch.save(state["cs_network"], path)
+    path = run_dir / ("model_last.pt" if network == "cs_network" else "model_ds_last.pt")
+    torch.save(state[network], path)
     return path
 
 
@@ -91,12 +97,27 @@ def _scores(eval_dir: Path) -> dict:
     return {"mean": {m: summary["metrics"][m]["mean"] for m in METRICS}, "cases": cases}
 
 
-def run(row: str, num_labeled: int = 8, seed: int = 0, set: str = "", name: str = "", root: str = "runs/cpu") -> None:
-    """Train one row and score its last and selected weights on the report split (``summary.json``)."""
+def run_folder(num_labeled: int, seed: int, fold: int = 0) -> str:
+    """``l<labeled>_s<seed>`` (fold 0, the report split of docs/results.md) or ``l<labeled>_s<seed>_f<fold>``."""
+    return f"l{num_labeled}_s{seed}" + (f"_f{fold}" if fold else "")
+
+
+def run(
+    row: str,
+    num_labeled: int = 8,
+    seed: int = 0,
+    set: str = "",
+    name: str = "",
+    root: str = "runs/cpu",
+    fold: int = 0,
+    ds_eval_steps: int = 0,
+) -> None:
+    """Train one row and score its last and selected weights on the report split (``summary.json``); with
+    ``ds_eval_steps`` also the DS's last weights alone (``ds_last``: DDIM from pure noise, that many steps)."""
     extra = _parse_set(set)
-    run_dir = REPO / root / (name or row) / f"l{num_labeled}_s{seed}"
+    run_dir = REPO / root / (name or row) / run_folder(num_labeled, seed, fold)
     run_dir.mkdir(parents=True, exist_ok=True)
-    common = {"num_labeled": num_labeled, "seed": seed, **extra}
+    common = {"num_labeled": num_labeled, "seed": seed, **({"report_fold": fold} if fold else {}), **extra}
     weights = {}
     if row == "reference":
         weights["last"] = Path(train_reference(TRAIN, str(run_dir), overrides=common))
@@ -104,14 +125,18 @@ def run(row: str, num_labeled: int = 8, seed: int = 0, set: str = "", name: str 
     elif row in ROWS:
         _bundle("training", TRAIN, {**ROWS[row], **common, "output_dir": str(run_dir)}, run_dir / "train.out")
         weights["last"], weights["selected"] = _last_weights(run_dir), run_dir / "model.pt"
+        if ds_eval_steps and row != "sup":
+            weights["ds_last"] = _last_weights(run_dir, "ds_network")
         shared = {}
     else:
         raise ValueError(f"unknown row {row!r}; known: reference, {', '.join(ROWS)}")
     shared = {**{k: v for k, v in {**ROWS.get(row, {}), **common}.items() if k in SHARED_IDS}, **shared}
-    summary = {"row": row, "name": name or row, "num_labeled": num_labeled, "seed": seed, "overrides": extra}
+    summary = {"row": row, "name": name or row, "num_labeled": num_labeled, "seed": seed, "fold": fold,
+               "overrides": extra}  # fmt: skip
     for kind, path in weights.items():
         eval_dir = run_dir / f"eval_{kind}"
-        _bundle("evaluating", EVALUATE, {**shared, "ckpt_path": str(path), "output_dir": str(eval_dir)},
+        ds = {"eval_network": "ds", "ds_eval_steps": ds_eval_steps, "seed": seed} if kind == "ds_last" else {}
+        _bundle("evaluating", EVALUATE, {**shared, **ds, "ckpt_path": str(path), "output_dir": str(eval_dir)},
                 run_dir / f"eval_{kind}.out")
         summary[kind] = _scores(eval_dir)
     state_file = run_dir / "train_state.pt"
@@ -123,20 +148,23 @@ def run(row: str, num_labeled: int = 8, seed: int = 0, set: str = "", name: str 
 
 
 def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
-    """Markdown table of the named result folders: mean +- sample std over seeds and the per-seed values."""
-    lines = [f"| row | labeled | weights | seeds | {metric} mean ± std | per seed |", "|---|---|---|---|---|---|"]
+    """Markdown table of the named result folders: mean +- sample std over seeds and the per-seed values (a seed's
+    value: the mean over its report cases, every fold it ran pooled)."""
+    lines = [f"| row | labeled | weights | seeds | cases | {metric} mean ± std | per seed |", "|---" * 7 + "|"]
     for name in str(rows).split() or sorted(p.name for p in (REPO / root).iterdir()):
-        summaries = [json.loads(p.read_text()) for p in sorted((REPO / root / name).glob("l*_s*/summary.json"))]
-        for labeled in sorted({s["num_labeled"] for s in summaries}, reverse=True):
-            group = sorted((s for s in summaries if s["num_labeled"] == labeled), key=lambda s: s["seed"])
-            for kind in ("last", "selected"):
-                values = [s[kind]["mean"][metric] for s in group if kind in s]
-                if not values:
+        summaries = (REPO / root / name).glob("l*_s*/summary.json")
+        labeled_counts = {json.loads(p.read_text())["num_labeled"] for p in summaries}
+        for labeled in sorted(labeled_counts, reverse=True):
+            for kind in ("last", "selected", "ds_last"):
+                by_seed = _by_seed(name, labeled, kind, root, metric)
+                if not by_seed:
                     continue
-                spread = f"± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "(one seed)"
-                per_seed = ", ".join(f"s{s['seed']} {s[kind]['mean'][metric]:.3f}" for s in group if kind in s)
-                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {np.mean(values):.3f} {spread} "
-                             f"| {per_seed} |")
+                values = {s: float(np.mean(list(c.values()))) for s, c in sorted(by_seed.items())}
+                spread = f"± {np.std(list(values.values()), ddof=1):.3f}" if len(values) > 1 else "(one seed)"
+                per_seed = ", ".join(f"s{s} {v:.3f}" for s, v in values.items())
+                count = "/".join(str(len(c)) for c in by_seed.values())
+                lines.append(f"| {name} | {labeled} | {kind} | {len(values)} | {count} | "
+                             f"{np.mean(list(values.values())):.3f} {spread} | {per_seed} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -150,6 +178,50 @@ def cases(rows: str, num_labeled: int = 8, seed: int = 0, weights: str = "last",
     for case in case_names:
         values = " | ".join(f"{summaries[n][weights]['cases'][case]['dice']:.3f}" for n in names)
         lines.append(f"| {case} | {values} |")
+    return "\n".join(lines)
+
+
+def _by_seed(
+    name: str, num_labeled: int, weights: str, root: str, metric: str = "dice"
+) -> dict[int, dict[str, float]]:
+    """``{seed: {case: value}}`` of a result folder, every fold of a seed pooled (a case is reported in one fold)."""
+    out: dict[int, dict[str, float]] = {}
+    for path in sorted((REPO / root / name).glob(f"l{num_labeled}_s*/summary.json")):
+        summary = json.loads(path.read_text())
+        if weights in summary:
+            cases = {c: v[metric] for c, v in summary[weights]["cases"].items()}
+            out.setdefault(int(summary["seed"]), {}).update(cases)
+    return out
+
+
+def compare(a: str, b: str, num_labeled: int = 8, weights: str = "last", root: str = "runs/cpu") -> str:
+    """Paired comparison of rows ``a`` and ``b`` on the cases and seeds both have (every fold pooled).
+
+    Per seed: the mean Dice over the shared cases (mean +- sample std over seeds, and the difference per seed); per
+    case: the difference ``a - b`` averaged over seeds: cases better / worse / equal and the two-sided Wilcoxon
+    signed-rank test of those differences (scipy).
+    """
+    from scipy.stats import wilcoxon
+
+    da, db = _by_seed(a, num_labeled, weights, root), _by_seed(b, num_labeled, weights, root)
+    seeds = sorted(set(da) & set(db))
+    if not seeds:
+        raise ValueError(f"{a} and {b} share no seed at {num_labeled} labeled cases under {root}")
+    cases = sorted(set.intersection(*(set(da[s]) & set(db[s]) for s in seeds)))
+    mean = {r: [float(np.mean([d[s][c] for c in cases])) for s in seeds] for r, d in ((a, da), (b, db))}
+    diff = np.array([np.mean([da[s][c] - db[s][c] for s in seeds]) for c in cases])
+    std = {r: f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "" for r, v in mean.items()}
+    lines = [
+        f"{a} vs {b}, {num_labeled} labeled, {weights} weights: {len(cases)} cases x {len(seeds)} seeds {seeds}",
+        f"| row | Dice mean{' ± std over seeds' if len(seeds) > 1 else ''} | per seed |",
+        "|---|---|---|",
+        *(f"| {r} | {np.mean(v):.3f}{std[r]} | {', '.join(f'{x:.3f}' for x in v)} |" for r, v in mean.items()),
+        f"difference per seed: {', '.join(f'{x - y:+.3f}' for x, y in zip(mean[a], mean[b]))}",
+        f"per case (mean over seeds): {a} better on {int((diff > 0).sum())}, worse on {int((diff < 0).sum())}, "
+        f"equal on {int((diff == 0).sum())}; mean difference {diff.mean():+.3f}, median {np.median(diff):+.3f}",
+    ]
+    if np.any(diff != 0):
+        lines.append(f"Wilcoxon signed-rank (two-sided) p = {wilcoxon(diff).pvalue:.3g}")
     return "\n".join(lines)
 
 
@@ -179,4 +251,4 @@ def monitor(rows: str, num_labeled: int = 8, seed: int = 0, window: int = 128, r
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    fire.Fire({"run": run, "table": table, "cases": cases, "monitor": monitor})
+    fire.Fire({"run": run, "table": table, "cases": cases, "monitor": monitor, "compare": compare})

@@ -17,7 +17,8 @@ from monai.bundle import ConfigParser
 
 from diffcl_algo.bundle.compose import CONFIG_DIR, DATASETS, WORKFLOWS, compose, dataset_values, write_bundles
 from diffcl_algo.bundle.expressions import check_command_line_ids
-from diffcl_algo.bundle.run import build_trainer, load_bundle
+from diffcl_algo.bundle.run import build_trainer, load_bundle, run_workflow
+from diffcl_algo.utils import config_error_cause
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,3 +115,10 @@ def test_command_line_check_reads_the_stock_command_only():
         check_command_line_ids([monai_main, "run", "training", "--config_file", train, "--n_filter", "4"])
     check_command_line_ids([monai_main, "run", "training", f"--config_file={train}", "--n_filters=4", "--resume"])
     check_command_line_ids(["-m", "pytest", "--n_filter", "4"])  # not the stock command: its caller checks
+
+
+def test_evaluation_network_choice_is_checked(tmp_path):
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps it; the command line prints the cause in one line
+        run_workflow("la", "evaluate", eval_network="dss", dataset_dir=str(tmp_path), output_dir=str(tmp_path / "e"))
+    assert str(config_error_cause(info.value)) == "eval_network must be one of ['cs', 'ds'], got 'dss'."
+    assert not (tmp_path / "e").exists()

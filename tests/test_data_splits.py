@@ -69,3 +69,19 @@ def test_json_datalist_and_inference_inputs(la, tmp_path):
         inference_cases(splits, infer_list_key="other")
     h5 = inference_cases(CaseSplits(la, eval_list="test.list"))
     assert len(h5) == 2 and all(set(e) == {"image", "case"} for e in h5)  # labels dropped
+
+
+def test_report_folds_rotate_over_every_case_once(la):
+    train = (la / "train.list").read_text().split()
+    reported = []
+    for fold in range(5):
+        splits = CaseSplits(la, num_labeled=2, num_val_holdout=2, num_test_holdout=2, report_fold=fold,
+                            val_list="none.list", eval_list="none.list")  # fmt: skip
+        report = _cases(splits.evaluation)
+        used = _cases(splits.labeled) + _cases(splits.unlabeled) + _cases(splits.validation)
+        assert not set(report) & set(used) and len(set(report + used)) == len(train)
+        reported += report
+    assert sorted(reported) == sorted(train)  # each case reported once over the 5 folds
+    assert _cases(CaseSplits(la, num_test_holdout=2, eval_list="none.list").evaluation) == train[-2:]  # fold 0
+    with pytest.raises(DataError, match="report_fold=5"):
+        _ = CaseSplits(la, num_test_holdout=2, report_fold=5).labeled

@@ -121,3 +121,42 @@ def test_ddim_timesteps_and_oracle() -> None:
         torch.testing.assert_close(y_s, math.sqrt(a_s) * x0_hat + math.sqrt(1 - a_s) * eps_hat)
     with pytest.raises(ValueError, match="steps"):
         diff.ddim_sample(oracle, torch.zeros(1, 1, 8, 8), 2, steps=0)
+
+
+def test_label_signal_encoding_and_checks() -> None:
+    one_hot = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]).movedim(0, 1)  # (1, 2, 2): classes 1, 0
+    assert torch.equal(GaussianDiffusion(10).encode(one_hot), one_hot)  # the paper's signal is the map itself
+    symmetric = GaussianDiffusion(10, label_signal="symmetric", label_scale=0.5).encode(one_hot)
+    assert torch.equal(symmetric, 0.5 * (2 * one_hot - 1)) and set(symmetric.unique().tolist()) == {-0.5, 0.5}
+    with pytest.raises(ValueError, match="label_signal must be one of"):
+        GaussianDiffusion(10, label_signal="binary")
+    with pytest.raises(ValueError, match="label_scale > 0"):
+        GaussianDiffusion(10, label_scale=0.0)
+
+
+@pytest.mark.parametrize("label_signal", ["unit", "symmetric"])
+def test_ddim_with_a_perfect_x0_model_returns_its_prediction(label_signal: str) -> None:
+    """A model that always predicts the same map: DDIM ends on it whatever the signal form."""
+    diffusion = GaussianDiffusion(50, label_signal=label_signal, label_scale=2.0)
+    target = torch.zeros(1, 2, 4, 4)
+    target[:, 1, :2], target[:, 0, 2:] = 1.0, 1.0
+
+    def model(x, y_t, t):
+        return 20.0 * (target - 0.5)  # logits of the target
+
+    probs = diffusion.ddim_sample(model, torch.zeros(1, 1, 4, 4), num_classes=2, steps=5)
+    assert torch.allclose(probs, torch.softmax(20.0 * (target - 0.5), 1))
+
+
+def test_diffusion_segmenter_is_deterministic_log_probabilities() -> None:
+    from diffcl_algo.diffusion import DiffusionSegmenter
+    from diffcl_algo.networks import DiffusionSegNet
+
+    torch.manual_seed(0)
+    net = DiffusionSegNet(3, 1, 2, n_filters=4).eval()
+    segmenter = DiffusionSegmenter(net, GaussianDiffusion(100), num_classes=2, steps=3, seed=5)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        first, second = segmenter(x), segmenter(x)
+    assert first.shape == (1, 2, 16, 16, 16) and torch.equal(first, second)  # the same Y_T every call
+    assert torch.allclose(first.exp().sum(1), torch.ones(1, 16, 16, 16), atol=1e-5)

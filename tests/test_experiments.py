@@ -70,3 +70,46 @@ def test_unknown_row_and_bad_override_are_refused(tmp_path):
         la_cpu.run("supervised", root=str(tmp_path))
     with pytest.raises(ValueError, match="id=value"):
         la_cpu.run("sup", set="dropout", root=str(tmp_path))
+
+
+def test_report_fold_run_reports_on_its_block(la_copy, tmp_path):
+    la_cpu = _load("la_cpu")
+    la_cpu.run("sup", num_labeled=4, seed=0, fold=1, set=f"dataset_dir={la_copy} max_iterations=1", root=str(tmp_path))
+    summary = json.loads((tmp_path / "sup" / "l4_s0_f1" / "summary.json").read_text())
+    train = (la_copy / "train.list").read_text().split()
+    block = (train[-16:] + train[:-16])[-16:]  # fold 1: the list rotated by 16, its last 16 (wrapping past the start)
+    assert summary["fold"] == 1 and sorted(summary["last"]["cases"]) == sorted(block)
+
+
+def _summary(root, name, seed, fold, dice):
+    folder = root / name / (f"l4_s{seed}" + (f"_f{fold}" if fold else ""))
+    folder.mkdir(parents=True)
+    cases = {case: {"dice": d, "jaccard": d, "hd95": 1.0, "asd": 1.0} for case, d in dice.items()}
+    summary = {"num_labeled": 4, "seed": seed, "fold": fold, "last": {"mean": {}, "cases": cases}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_compare_pairs_cases_over_seeds_and_folds(tmp_path):
+    la_cpu = _load("la_cpu")
+    for seed in (0, 1):  # row a is better than b by 0.1 on every case but one, both folds of each seed
+        _summary(tmp_path, "a", seed, 0, {"c1": 0.8, "c2": 0.7})
+        _summary(tmp_path, "a", seed, 1, {"c3": 0.6, "c4": 0.5})
+        _summary(tmp_path, "b", seed, 0, {"c1": 0.7, "c2": 0.6})
+        _summary(tmp_path, "b", seed, 1, {"c3": 0.5, "c4": 0.5})
+    text = la_cpu.compare("a", "b", num_labeled=4, root=str(tmp_path))
+    assert "4 cases x 2 seeds" in text and "| a | 0.650 ± 0.000 |" in text and "| b | 0.575 ± 0.000 |" in text
+    assert "a better on 3, worse on 0, equal on 1" in text and "Wilcoxon" in text
+    table = la_cpu.table(rows="a", root=str(tmp_path))
+    assert "| a | 4 | last | 2 | 4/4 | 0.650 ± 0.000 |" in table  # each seed: its two folds pooled
+    with pytest.raises(ValueError, match="share no seed"):
+        la_cpu.compare("a", "missing", num_labeled=4, root=str(tmp_path))
+
+
+def test_ds_scored_alone_from_noise(la_copy, tmp_path):
+    la_cpu = _load("la_cpu")
+    toy = f"dataset_dir={la_copy} max_iterations=1 use_hfm=false label_signal=symmetric"
+    la_cpu.run("cps", num_labeled=4, seed=0, set=toy, ds_eval_steps=2, root=str(tmp_path))
+    summary = json.loads((tmp_path / "cps" / "l4_s0" / "summary.json").read_text())
+    assert set(summary) >= {"last", "selected", "ds_last"}
+    assert sorted(summary["ds_last"]["cases"]) == sorted(summary["last"]["cases"])
+    assert "| cps | 4 | ds_last | 1 |" in la_cpu.table(rows="cps", root=str(tmp_path))

@@ -217,3 +217,48 @@ def test_cross_pseudo_supervision_on_confident_voxels(data_dir, tmp_path, monkey
     with pytest.raises(ValueError, match="cps_confidence must be in"):
         build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path / "bad"), cps_confidence=1.0,
                       **dict(SMALL_TRAIN, val_interval=0))
+
+
+def test_ds_recycling_feeds_the_ds_its_own_prediction(data_dir, tmp_path, monkeypatch):
+    """With ds_recycling 1 the DS input is the noised DS prediction from pure noise (one extra DS forward at t = T);
+    with 0 nothing changes (same random streams, same output as the default)."""
+    from diffcl_algo.networks import DiffusionSegNet
+
+    calls = []
+    original = DiffusionSegNet.forward
+
+    def recording(self, x, y_t, t, return_features=False):
+        calls.append(t.clone())
+        return original(self, x, y_t, t, return_features)
+
+    monkeypatch.setattr(DiffusionSegNet, "forward", recording)
+    common = dict(dataset_dir=data_dir, max_iterations=1, use_hfm=False, use_cl=False)
+    common.update(SMALL_TRAIN, val_interval=0)
+    outputs = {}
+    for p in (None, 0.0, 1.0):
+        calls.clear()
+        option = {} if p is None else {"ds_recycling": p}
+        trainer = build_trainer(output_dir=str(tmp_path / str(p)), **option, **common)
+        trainer.run()
+        trainer.close()
+        outputs[p] = (trainer.state.output, [c.tolist() for c in calls])
+    assert outputs[0.0] == outputs[None] and len(outputs[None][1]) == 1  # the paper's single DS forward
+    recycled_t, trained_t = outputs[1.0][1]
+    assert recycled_t == [1000] * 4 and trained_t == outputs[None][1][0]  # same training timesteps
+    assert outputs[1.0][0]["loss_sup_ds"] != outputs[None][0]["loss_sup_ds"]
+    with pytest.raises(ValueError, match="ds_recycling must be in"):
+        build_trainer(output_dir=str(tmp_path / "bad"), ds_recycling=1.5, **common)
+
+
+def test_symmetric_label_signal_reaches_the_ds_input(data_dir, tmp_path, monkeypatch):
+    from diffcl_algo.diffusion import GaussianDiffusion
+
+    signals = []
+    original = GaussianDiffusion.q_sample
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", lambda self, y0, t, noise=None: (signals.append(y0.clone()),
+                        original(self, y0, t, noise))[1])  # fmt: skip
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), use_hfm=False,
+                            label_signal="symmetric", label_scale=0.5, **dict(SMALL_TRAIN, val_interval=0))
+    trainer.run()
+    trainer.close()
+    assert set(signals[0].unique().tolist()) == {-0.5, 0.5}

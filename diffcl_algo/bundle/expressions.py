@@ -1,6 +1,6 @@
 """What the bundle configs' expressions and both command lines call on values.
 
-* :func:`check_settings`: refuse settings that would fail later or mean something else (``initialize``).
+* :func:`check_settings`, :func:`check_choice`: refuse settings that would fail later or mean something else.
 * :func:`check_command_line_ids`: the stock ``python -m monai.bundle run`` refuses an option the config lacks
   (``initialize``, before anything runs); :func:`check_override_ids` is the check itself, shared with
   ``python -m diffcl_algo run`` and the Python runner.
@@ -27,6 +27,7 @@ from diffcl_algo.utils import as_bool, is_null, parse_value
 
 __all__ = [
     "as_bool",
+    "check_choice",
     "check_command_line_ids",
     "check_override_ids",
     "check_settings",
@@ -58,6 +59,16 @@ def check_settings(patch_size: Sequence[int], val_interval: int, factor: int = D
             f"patch_size {tuple(int(p) for p in patch_size)} must be divisible by {factor} (and >= {factor}) on "
             f"every axis: the V-Net downsamples {factor.bit_length() - 1} times by 2."
         )
+
+
+def check_choice(option: str, value: Any, choices: Sequence[str]) -> None:
+    """Refuse a value of ``option`` outside ``choices`` (an expression would otherwise take it for one of them).
+
+    Raises:
+        ValueError: naming the option, the value and the choices.
+    """
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {list(choices)}, got {value!r}.")
 
 
 def resume_path(resume: Union[bool, str, os.PathLike, None], default: Union[str, os.PathLike]) -> Optional[Path]:

@@ -4,7 +4,10 @@ One implementation of the split rules for every workflow of the bundles (trainin
 Auto3DSeg, so that they cannot drift apart:
 
 * the training list (``train_list``: an h5 layout's case list, or a Decathlon JSON's ``"training"`` key) loses its
-  last ``num_test_holdout`` cases: the **report split**, never trained or validated on;
+  last ``num_test_holdout`` cases: the **report split**, never trained or validated on; ``report_fold`` k rotates
+  the list first by ``k * num_test_holdout`` cases, so that folds 0, 1, ... report on the last, the second-last, ...
+  block of ``num_test_holdout`` cases (each case reported once over the folds, never trained or selected on in its
+  fold; the labeled and validation cases move with the rotation);
 * without a validation list file, the last ``num_val_holdout`` cases of what remains **validate** (select
   ``model.pt``), the rest is the training **pool**; with one, the pool is all that remains and the file's cases
   validate;
@@ -44,6 +47,7 @@ class CaseSplits:
         num_labeled: the first N cases of the pool keep their label.
         num_val_holdout: > 0 and no ``val_list`` file: the last N cases (before the report split) validate.
         num_test_holdout: > 0: the last N cases of the training list are the report split.
+        report_fold: which block of ``num_test_holdout`` cases is the report split (0: the last; module docstring).
         hidden_labels: keep the unlabeled cases' labels as ``hidden_label`` (logged only, never trained on).
     """
 
@@ -58,6 +62,7 @@ class CaseSplits:
         num_labeled: int = 8,
         num_val_holdout: int = 0,
         num_test_holdout: int = 0,
+        report_fold: int = 0,
         hidden_labels: bool = False,
     ) -> None:
         self.dataset_dir, self.datalist = dataset_dir, datalist
@@ -65,6 +70,7 @@ class CaseSplits:
         self.train_list, self.val_list_name, self.eval_list_name = train_list, val_list, eval_list
         self.num_labeled, self.num_val_holdout = int(num_labeled), int(num_val_holdout)
         self.num_test_holdout, self.hidden_labels = int(num_test_holdout), bool(hidden_labels)
+        self.report_fold = int(report_fold)
 
     @cached_property
     def layout(self) -> str | None:
@@ -84,7 +90,16 @@ class CaseSplits:
 
     @cached_property
     def _training(self) -> tuple[list[dict], list[dict]]:
-        return self._read(self._list(self.train_list, 0, "training"))
+        labeled, unlabeled = self._read(self._list(self.train_list, 0, "training"))
+        if not self.report_fold:
+            return labeled, unlabeled
+        shift = self.report_fold * self.num_test_holdout
+        if self.num_test_holdout <= 0 or not 0 < shift < len(labeled):
+            raise DataError(
+                f"report_fold={self.report_fold} needs 0 < report_fold * num_test_holdout < {len(labeled)} (the "
+                f"training list's cases), with num_test_holdout={self.num_test_holdout}"
+            )
+        return labeled[-shift:] + labeled[:-shift], unlabeled
 
     @cached_property
     def _kept(self) -> list[dict]:

@@ -126,6 +126,9 @@ class DiffCLTrainer(Trainer):
             ones; ``f`` in (0, 1]: it draws ``t ~ U{ceil(f T)..T}``, so ``Y_t`` keeps little of the CS pseudo-label and
             the DS must segment the image itself (``f = 1``: ``t = T``, pure noise); its output is then a pseudo-label
             of its own for the CS, at no extra cost (docs/training.md measures it).
+        ds_recycling: 0 (the paper): the DS input is the noised label (ground truth / CS pseudo-label); ``p`` in
+            (0, 1]: with probability ``p`` per iteration it is the noised DS prediction from pure noise instead
+            (ImgX-DiffSeg's recycling, :meth:`_recycled`), for every image; the targets are unchanged.
         cps_confidence: 0 (the paper): every voxel of the cross pseudo-supervision counts; ``c`` in (0, 1): only the
             voxels whose pseudo-label has probability ``>= c`` under the network that made it (eq. 6-7 on a mask).
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
@@ -162,6 +165,7 @@ class DiffCLTrainer(Trainer):
         sup_loss: str = "paper",
         ds_pseudo_steps: int = 0,
         unlabeled_t_min: float = 0.0,
+        ds_recycling: float = 0.0,
         cps_confidence: float = 0.0,
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
@@ -211,6 +215,9 @@ class DiffCLTrainer(Trainer):
         self.ds_pseudo_steps = int(ds_pseudo_steps)
         if not 0.0 <= float(unlabeled_t_min) <= 1.0:
             raise ValueError(f"unlabeled_t_min must be in [0, 1] (a fraction of T), got {unlabeled_t_min}.")
+        if not 0.0 <= float(ds_recycling) <= 1.0:
+            raise ValueError(f"ds_recycling must be in [0, 1] (a probability per iteration), got {ds_recycling}.")
+        self.ds_recycling = float(ds_recycling)
         if not 0.0 <= float(cps_confidence) < 1.0:
             raise ValueError(f"cps_confidence must be in [0, 1), got {cps_confidence}.")
         self.cps_confidence = float(cps_confidence)
@@ -346,12 +353,16 @@ class DiffCLTrainer(Trainer):
             if use_ds:
                 with torch.no_grad():
                     pseudo_cs = class_argmax(cs_logits[nl : x_ds.shape[0]])  # Y^u, line 5
-                    y0 = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
+                    one_hot = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
+                    y0 = self.diffusion.encode(one_hot)
                     t = self.diffusion.sample_timesteps(x_ds.shape[0], device, generator=gen)
                     if self.unlabeled_t_low > 1 and x_ds.shape[0] > nl:
                         low = self.unlabeled_t_low
                         t[nl:] = self.diffusion.sample_timesteps(x_ds.shape[0] - nl, device, generator=gen, low=low)
                     noise = torch.randn(y0.shape, generator=gen, device=device)
+                    if self.ds_recycling > 0:  # the draw only then: the paper's random streams stay as they were
+                        if float(torch.rand((), generator=gen, device=device)) < self.ds_recycling:
+                            y0 = self._recycled(x_ds, gen)
                     y_t = self.diffusion.q_sample(y0, t, noise)  # eq. 5, line 6
                 ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True)  # line 7
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -400,6 +411,16 @@ class DiffCLTrainer(Trainer):
             out["pseudo_dice_cs"] = foreground_dice(pseudo_cs, hidden)
             out["pseudo_dice_ds"] = foreground_dice(pseudo_ds, hidden)
         return out
+
+    def _recycled(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The DS's own prediction from pure noise (``t = T``), as the signal to noise instead of ``Y_0``.
+
+        ImgX-DiffSeg's recycling: trained on noised versions of its own predictions, the DS learns to correct a
+        segmentation it made from the image rather than to return the label it is given; no gradient.
+        """
+        t = torch.full((x.shape[0],), self.diffusion.timesteps, dtype=torch.long, device=x.device)
+        y_T = torch.randn((x.shape[0], self.num_classes, *x.shape[2:]), generator=gen, device=x.device)
+        return self.diffusion.encode(self.ds_network(x, y_T, t).float().softmax(1))
 
     def _ds_pseudo_probs(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Class probabilities (b_u, C, *S) behind ``Y~u``: this step's DS output, or (``ds_pseudo_steps > 0``) DDIM.
