@@ -115,11 +115,13 @@ def test_value_problems(tmp_path):
     nan = _la_case(tmp_path, "nan", image=image)
     _fails([_entry(nan)], f"{nan}: image contains 1 NaN and 2 Inf voxels")
     validate_cases([_entry(nan)], check_values=False)  # values are only read on request
+    flat = _la_case(tmp_path, "flat", image=np.full(SHAPE, 2.0, np.float32))
+    _fails([_entry(flat)], f"{flat}: image is constant \\(every voxel is 2.0\\)")
 
     frac = tmp_path / "frac.nii.gz"
     nib.save(nib.Nifti1Image(np.full(SHAPE, 0.5, np.float32), np.eye(4)), str(frac))
     img = tmp_path / "img.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), np.eye(4)), str(img))
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=SHAPE).astype(np.float32), np.eye(4)), str(img))
     _fails([{"image": str(img), "label": str(frac)}], f"{frac}: label values \\[0.5\\]")
     neg = tmp_path / "neg.nii.gz"
     nib.save(nib.Nifti1Image(np.full(SHAPE, -1, np.int16), np.eye(4)), str(neg))

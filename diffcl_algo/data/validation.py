@@ -74,6 +74,8 @@ def _check_image(path: str, shape: tuple[int, ...], array: np.ndarray | None) ->
     if array is not None and array.dtype.kind in "fc" and not np.isfinite(array).all():
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         raise DataError(f"{path}: image contains {n_nan} NaN and {n_inf} Inf voxels")
+    if array is not None and array.size and array.min() == array.max():
+        raise DataError(f"{path}: image is constant (every voxel is {array.flat[0]}): no structure to segment")
 
 
 def _check_label(
@@ -121,7 +123,8 @@ def validate_cases(
     Checks, per entry (``{"image": path, ["label": path], ["case": name]}``; h5 or NIfTI; an h5 path used for
     both keys is opened once): the file exists and opens (corrupt/truncated files are caught); h5 files have the
     ``image`` (and, for labeled entries, ``label``) datasets; the image is 3D; label and image shapes match.
-    With ``check_values`` the arrays are read (one vectorised pass each): no NaN/Inf in the image; label values
+    With ``check_values`` the arrays are read (one vectorised pass each): no NaN/Inf in the image, not one value
+    everywhere (a constant image, whose z-score is undefined); label values
     are integers in ``[0, num_classes)``; an empty label gives a ``warnings.warn`` naming the case. Without
     ``check_values`` only metadata is read (h5 shapes; NIfTI headers), so truncated data may go unnoticed.
 
