@@ -268,7 +268,7 @@ def served(tmp_path_factory) -> Iterator[dict]:
             except OSError:
                 time.sleep(1)
         yield {"port": port, "image": image, "probs": probs, "outside": outside, "work": work, "log": log,
-               "startup_s": time.monotonic() - started, "cmd": cmd}
+               "startup_s": time.monotonic() - started, "cmd": cmd, "pid": proc.pid}
     finally:
         proc.terminate()
         try:
@@ -452,3 +452,81 @@ def test_oversize_uploads_rejected(served):
     assert not list((served["work"] / "studies").glob("big*"))
     # the server still serves
     assert _request(port, "POST", f"/infer/{MODEL}?image=case0&output=json")[0] == 200
+
+
+def _nifti_bytes(array: np.ndarray) -> bytes:
+    return gzip.compress(nib.Nifti1Image(array, np.diag([0.625, 0.625, 0.625, 1.0])).to_bytes())
+
+
+@pytest.mark.monailabel
+def test_malformed_uploads_get_a_one_line_4xx_and_the_server_goes_on(served):
+    port, image = served["port"], served["image"]
+    nan = image.copy()
+    nan[1, 2, 3] = np.nan
+    bad = {  # upload name and bytes -> the problem the answer must name
+        "not an image": (("scan.nii.gz", b"not a NIfTI file at all"), "cannot be read"),
+        "4D volume": (("scan.nii.gz", _nifti_bytes(np.stack([image, image], -1))), "expected a 3D volume"),
+        "NaN values": (("scan.nii.gz", _nifti_bytes(nan)), "image contains 1 NaN and 0 Inf voxels"),
+        "wrong extension": (("scan.txt", _nifti_bytes(image)), "unsupported format"),
+    }
+    for what, (upload, problem) in bad.items():
+        form, content_type = _multipart({"file": upload})
+        status, _, body = _request(port, "POST", f"/infer/{MODEL}?output=image", form, {"Content-Type": content_type})
+        detail = json.loads(body)["detail"]
+        assert status == 422 and problem in detail and "\n" not in detail, (what, status, body[:300])
+        assert detail.startswith("the image is not a valid scan: /"), detail  # names the uploaded file
+    status, _, body = _request(port, "POST", f"/infer/{MODEL}?image=case0&output=image")
+    assert status == 200, body[:300]  # still serving
+    _check_label(_label(body), served["probs"])
+
+
+def _tree_rss_kib(pid: int) -> int:
+    """Resident memory (KiB) of a process and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total
+
+
+@pytest.mark.monailabel
+def test_bounded_load_every_answer_a_mask_identical_to_a_single_request(served):
+    """4 clients x 5 inference requests at once (loopback only, a fixed count, each request with a timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, pid = served["port"], served["pid"]
+    single = _label(_request(port, "POST", f"/infer/{MODEL}?image=case0&output=image")[2])
+    before = _tree_rss_kib(pid)
+    peak = [before]
+
+    def client(i: int) -> list[tuple[int, bytes]]:
+        answers = []
+        for _ in range(5):
+            answers.append(_request(port, "POST", f"/infer/{MODEL}?image=case0&output=image")[:3:2])
+            peak.append(_tree_rss_kib(pid))
+        return answers
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        results = [a for answers in pool.map(client, range(4)) for a in answers]
+    elapsed = time.monotonic() - started
+    assert len(results) == 20 and all(status == 200 for status, _ in results), [s for s, _ in results]
+    for _, body in results:
+        np.testing.assert_array_equal(_label(body), single)
+    assert _request(port, "GET", "/info/")[0] == 200  # no crash
+    growth_mib = (max(peak) - before) / 1024
+    print(f"20 requests from 4 clients in {elapsed:.1f} s; server RSS {before / 1024:.0f} MiB before, "
+          f"peak +{growth_mib:.0f} MiB")
+    assert growth_mib < 2048, growth_mib  # bounded: no per-request leak of volumes

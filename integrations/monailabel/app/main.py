@@ -13,7 +13,10 @@ App conf (``--conf KEY VALUE``):
 * MONAI Label's own keys (``preload`` ...).
 
 Inference requests are checked by :func:`~diffcl_monailabel.guards.check_image_request` (an image is a datastore id,
-an upload or a session's image; 400 / 404 otherwise). Training is not offered (train with the bundle's ``train.yaml``).
+an upload or a session's image; 400 / 404 otherwise), then the image itself by the bundles' data check
+(:func:`diffcl_algo.data.validate_cases`: a readable NIfTI / NRRD / h5 file, a 3D volume, finite values, not
+constant; 422 with the file and the problem in one line otherwise), so a malformed upload never reaches the network
+and the server goes on serving. Training is not offered (train with the bundle's ``train.yaml``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from diffcl_algo.data import DataError, validate_cases
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
@@ -84,4 +89,10 @@ class DiffCLApp(MONAILabelApp):
             # MONAI Label reads any existing path as the image: a datastore id that is also a file name in the
             # server's working directory goes to the datastore's file instead
             request = {**request, "image": store.get_image_uri(image)}
+        path = request["image"] if os.path.isfile(str(request["image"])) else store.get_image_uri(request["image"])
+        try:
+            validate_cases([{"image": str(path)}])
+        except DataError as e:
+            problem = " ".join(str(e).split()).split("; expected")[0].replace("1 of 1 cases failed validation: ", "")
+            raise HTTPException(status_code=422, detail=f"the image is not a valid scan: {problem}") from e
         return super().infer(request, datastore)
