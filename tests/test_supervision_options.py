@@ -262,3 +262,51 @@ def test_symmetric_label_signal_reaches_the_ds_input(data_dir, tmp_path, monkeyp
     trainer.run()
     trainer.close()
     assert set(signals[0].unique().tolist()) == {-0.5, 0.5}
+
+
+def test_copy_paste_mixes_each_unlabeled_slot_with_a_labeled_image():
+    """BCP's two directions: slot 0 keeps the labeled image outside a cube, slot 1 inside; labeled slots unchanged."""
+    from types import SimpleNamespace
+
+    from diffcl_algo.training.trainer import DiffCLTrainer
+
+    x = torch.stack([torch.full((1, 8, 8, 4), float(v)) for v in (1, 2, 3, 4)])  # 2 labeled, 2 unlabeled
+    y = torch.stack([torch.full((1, 8, 8, 4), v) for v in (0, 1)]).long()
+    gen = torch.Generator().manual_seed(0)
+    mixed, pasted, y_pasted = DiffCLTrainer._copy_paste(SimpleNamespace(copy_paste=0.5), x, y, gen)
+    assert torch.equal(mixed[:2], x[:2]) and torch.equal(y_pasted, y)
+    assert pasted.shape == (2, 1, 8, 8, 4) and pasted.dtype == torch.bool
+    assert int((~pasted[0]).sum()) == 4 * 4 * 2 and int(pasted[1].sum()) == 4 * 4 * 2  # a half-side cube each
+    for j in (0, 1):
+        assert torch.equal(mixed[2 + j][pasted[j]], x[j][pasted[j]])  # labeled voxels from the paired labeled image
+        assert torch.equal(mixed[2 + j][~pasted[j]], x[2 + j][~pasted[j]])  # the rest from the unlabeled image
+    cube = (~pasted[0, 0]).nonzero()
+    assert (cube.amax(0) - cube.amin(0) + 1).tolist() == [4, 4, 2]  # one box, not scattered voxels
+
+
+def test_copy_paste_supervises_pasted_voxels_and_pseudo_supervises_the_rest(data_dir, tmp_path, monkeypatch):
+    from diffcl_algo.losses import DiceCELoss as Loss
+
+    calls = []
+    original = Loss.forward
+
+    def recording(self, logits, target, ce_weight, dice_weight=1.0, mask=None):
+        calls.append((target.clone(), mask))
+        return original(self, logits, target, ce_weight, dice_weight, mask)
+
+    monkeypatch.setattr(Loss, "forward", recording)
+    common = dict(dataset_dir=data_dir, max_iterations=1, use_hfm=False, use_cl=False, monitor_pseudo_labels=True)
+    common.update(SMALL_TRAIN, val_interval=0)
+    trainer = build_trainer(output_dir=str(tmp_path / "cp"), copy_paste=0.5, **common)
+    trainer.run()
+    trainer.close()
+    (_, sup_cs), (_, sup_ds), (_, pasted_cs), (_, pasted_ds), (_, cps_cs), (_, cps_ds) = calls
+    assert sup_cs is None and sup_ds is None
+    assert torch.equal(pasted_cs, pasted_ds) and pasted_cs.shape[:2] == (2, 1)
+    assert torch.equal(cps_cs, ~pasted_cs) and torch.equal(cps_ds, ~pasted_cs)
+    assert 0 < int(pasted_cs.sum()) < pasted_cs.numel()
+    assert 0.0 <= trainer.state.output["pseudo_dice_cs"] <= 1.0
+    with pytest.raises(ValueError, match="copy_paste must be in"):
+        build_trainer(output_dir=str(tmp_path / "bad"), copy_paste=1.0, **common)
+    with pytest.raises(ValueError, match="copy_paste needs use_cps"):
+        build_trainer(output_dir=str(tmp_path / "bad2"), copy_paste=0.5, **{**common, "use_cps": False})

@@ -3,8 +3,9 @@
 The graph is ``diffcl_algo/configs/train.yaml``; ``evaluate.yaml`` and ``inference.yaml`` are overrides of it
 (model-zoo style: merged after it, ``+imports`` extends a list, ``a#b`` keys reach into sections) and
 ``multi_gpu_train.yaml`` is the DDP override. ``diffcl_algo/configs/datasets/<dataset>.yaml`` holds what a dataset
-changes (its first comment lines describe the dataset). :func:`compose` merges them as MONAI's
-``--config_file "[...]"`` would; :func:`write_bundles` (``python -m diffcl_algo bundles``) writes each
+changes (its first comment lines describe the dataset; its ``shipped_model`` section, the network and input of the
+weights the bundle ships in ``models/model.pt``, applies to the inference workflow only). :func:`compose` merges them
+as MONAI's ``--config_file "[...]"`` would; :func:`write_bundles` (``python -m diffcl_algo bundles``) writes each
 ``bundles/<dataset>/configs/{train,evaluate,inference}.yaml`` as one self-contained file, so a bundle folder has no
 macro, loads from any working directory and can be copied elsewhere; ``--check`` reports files that differ from what
 would be written. The written files keep the graph's comments (the value of a top-level line, the section headers).
@@ -22,6 +23,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.utils import MERGE_KEY
 
 __all__ = [
+    "SHIPPED_MODEL",
     "CONFIG_DIR",
     "DATASETS",
     "WORKFLOWS",
@@ -42,6 +44,10 @@ WORKFLOWS = {
     "inference": ("train.yaml", "evaluate.yaml", "inference.yaml"),
 }
 """Workflow -> the graph files merged, in order, into ``bundles/<dataset>/configs/<workflow>.yaml``."""
+
+SHIPPED_MODEL = "shipped_model"
+"""Section of ``datasets/<dataset>.yaml``: the values of the shipped weights, merged into the inference workflow last
+(so that ``inferring`` without ``--ckpt_path`` runs ``models/model.pt`` as trained; train / evaluate keep the rest)."""
 
 COPIED = ("multi_gpu_train.yaml", "logging.conf")
 """Files every bundle carries unchanged (the DDP override is merged by the user after train.yaml)."""
@@ -104,11 +110,14 @@ def compose(workflow: str, dataset: Optional[str] = None) -> dict[str, Any]:
     config = ConfigParser.load_config_files([str(CONFIG_DIR / f) for f in WORKFLOWS[workflow]])
     if dataset is not None:
         values = dataset_values(dataset)
+        shipped = values.pop(SHIPPED_MODEL, None) or {}
         known = set().union(*(_workflow_keys(w) for w in WORKFLOWS))
-        unknown = sorted(set(values) - known)
+        unknown = sorted((set(values) | set(shipped)) - known)
         if unknown:
             raise ValueError(f"{CONFIG_DIR / 'datasets' / f'{dataset}.yaml'}: {unknown} are no ids of the graph.")
         config.update({k: v for k, v in values.items() if k in config})
+        if workflow == "inference":
+            config.update(shipped)
     return config
 
 

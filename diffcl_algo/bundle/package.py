@@ -179,8 +179,8 @@ def _yaml_list(value: Any) -> Any:
 
 def package(
     bundle: str,
-    ckpt_path: str,
-    output: str,
+    ckpt_path: Optional[str] = None,
+    output: Optional[str] = None,
     name: Optional[str] = None,
     url: str = "",
     overwrite: bool = False,
@@ -189,13 +189,15 @@ def package(
     """Write a shareable model-zoo zip of ``bundle`` with the weights ``ckpt_path``. Example::
 
         python -m diffcl_algo package --bundle bundles/la --ckpt_path runs/la/model.pt --output dist/la_bundle.zip
+        python -m diffcl_algo package --bundle bundles/la --output dist/la_bundle.zip    # the shipped weights
 
     Args:
         bundle: the bundle folder (``configs/metadata.json``, ``configs/inference.yaml``, ``docs/README.md``,
             ``LICENSE``).
         ckpt_path: the CS weights (``model.pt`` of a training run: a state_dict); must load strictly into the
-            bundle's ``network_def`` (with ``override``).
-        output: the zip to write; refused if it exists unless ``overwrite``.
+            bundle's ``network_def`` (with ``override``). Default: the weights the bundle ships,
+            ``<bundle>/models/model.pt``.
+        output: the zip to write (required); refused if it exists unless ``overwrite``.
         name: the bundle's folder name inside the zip (default ``diffcl_<bundle folder name>``).
         url: download url of the weights for ``large_files.yml`` (default none: see the file's note).
         overwrite: replace an existing ``output``.
@@ -211,6 +213,9 @@ def package(
         ValueError: the checkpoint does not fit ``network_def``, an override id is unknown, a bad ``name``.
     """
     bundle_dir = Path(bundle)
+    if not output:
+        raise ValueError("package: --output <zip> is required (the file to write).")
+    ckpt_path = str(ckpt_path or bundle_dir / "models" / "model.pt")
     for required in ("configs/metadata.json", "configs/inference.yaml", "docs/README.md", "LICENSE"):
         if not (bundle_dir / required).is_file():
             raise FileNotFoundError(f"Bundle {str(bundle_dir)!r}: {required} is missing.")

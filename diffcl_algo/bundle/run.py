@@ -194,6 +194,16 @@ def default_num_threads(max_threads: int = 8) -> int | None:
     return max(1, min(cpus - round(busy), max_threads))
 
 
+def default_weights(parser: ConfigParser, config_file: str) -> str:
+    """The weights ``inferring`` uses without ``--ckpt_path``: the config's own ``ckpt_path`` (``models/model.pt``
+    below ``bundle_root``, the working directory) when that file exists, else the weights the bundle ships
+    (``<bundle folder>/models/model.pt``, the folder above the config's ``configs/``), else the config's path (the
+    workflow then stops, naming it)."""
+    own = str(parser.get_parsed_content("ckpt_path"))
+    shipped = Path(config_file).resolve().parent.parent / "models" / "model.pt"
+    return own if os.path.isfile(own) or not shipped.is_file() else str(shipped)
+
+
 def run(
     run_id: str,
     config_file: str | Sequence[str],
@@ -223,6 +233,8 @@ def run(
     parser = ConfigParser()
     parser.read_config(files)
     check_override_ids(parser.get(), list(overrides), " + ".join(files))
+    if run_id == "inferring" and not {"ckpt_path", "bundle_root"} & set(overrides):
+        overrides["ckpt_path"] = default_weights(parser, files[0])
     threads = num_threads if num_threads is not None else default_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

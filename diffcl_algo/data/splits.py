@@ -154,17 +154,19 @@ def inference_cases(
     images: str | Sequence[str] | None = None,
     infer_list_key: str = "testing",
 ) -> list[dict[str, Any]]:
-    """``[{"image": path[, "case"]}]`` to segment: ``images`` (relative to ``dataset_dir``), else the
-    ``infer_list_key`` images of the JSON datalist, else the evaluation cases of the layout without their labels.
+    """``[{"image": path[, "case"]}]`` to segment: ``images``, else the ``infer_list_key`` images of the JSON
+    datalist, else the evaluation cases of the layout without their labels.
 
     Args:
         splits: the dataset's splits (its ``dataset_dir`` and ``datalist``).
-        images: image file(s) to segment.
+        images: image file(s) to segment: a relative path names a file of the working directory when one is there,
+            else one below ``dataset_dir``.
         infer_list_key: the JSON key of the images (entries are paths or ``{"image": path}``).
     """
     root = splits.dataset_dir or ""
     if images:
-        return [{"image": os.path.join(root, f)} for f in ([images] if isinstance(images, str) else images)]
+        files = [images] if isinstance(images, str) else images
+        return [{"image": f if os.path.isfile(f) else os.path.join(root, f)} for f in files]
     if splits.datalist:
         with open(splits.datalist) as f:
             content = json.load(f)

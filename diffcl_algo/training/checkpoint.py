@@ -55,7 +55,8 @@ def require_checkpoint(path: str | os.PathLike) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass the trained weights with --ckpt_path <model.pt> "
-            "(the model.pt that training writes to its output_dir)"
+            "(the model.pt that training writes to its output_dir), or --bundle_root <bundle folder> for the weights "
+            "a bundle ships in its models/"
         )
 
 

@@ -131,6 +131,13 @@ class DiffCLTrainer(Trainer):
             (ImgX-DiffSeg's recycling, :meth:`_recycled`), for every image; the targets are unchanged.
         cps_confidence: 0 (the paper): every voxel of the cross pseudo-supervision counts; ``c`` in (0, 1): only the
             voxels whose pseudo-label has probability ``>= c`` under the network that made it (eq. 6-7 on a mask).
+        copy_paste: 0 (the paper): the unlabeled images enter as they are; ``r`` in (0, 1): bidirectional copy-paste
+            (BCP, Bai et al. CVPR 2023; not in the paper): each unlabeled slot becomes a mix of an unlabeled and a
+            labeled image, a cube of side ``r`` x the patch from one pasted into the other (even slots: the unlabeled
+            cube into the labeled image, odd slots: the labeled cube into the unlabeled image; :meth:`_copy_paste`).
+            Both networks see the mixed images; the pasted labeled voxels are supervised by their ground truth (added
+            to eq. 18-19 with a mask) and as the known part of ``Y_0``, the cross pseudo-supervision covers the rest.
+            Needs ``use_cps``.
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
         seed: base seed of every random choice.
@@ -167,6 +174,7 @@ class DiffCLTrainer(Trainer):
         unlabeled_t_min: float = 0.0,
         ds_recycling: float = 0.0,
         cps_confidence: float = 0.0,
+        copy_paste: float = 0.0,
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
         amp: bool = False,
@@ -221,6 +229,12 @@ class DiffCLTrainer(Trainer):
         if not 0.0 <= float(cps_confidence) < 1.0:
             raise ValueError(f"cps_confidence must be in [0, 1), got {cps_confidence}.")
         self.cps_confidence = float(cps_confidence)
+        if not 0.0 <= float(copy_paste) < 1.0:
+            raise ValueError(f"copy_paste must be in [0, 1) (the pasted cube's side as a fraction of the patch), got "
+                             f"{copy_paste}.")
+        if float(copy_paste) > 0 and not use_cps:
+            raise ValueError("copy_paste needs use_cps: without cross pseudo-supervision no unlabeled image is used.")
+        self.copy_paste = float(copy_paste)
         self.unlabeled_t_low = max(1, math.ceil(float(unlabeled_t_min) * self.diffusion.timesteps))
         self.poly_lr_power = poly_lr_power
         self.seed = int(seed)
@@ -342,6 +356,9 @@ class DiffCLTrainer(Trainer):
         hp = self.hparams
         beta1, beta2 = hp.beta1(ramp), hp.beta2(ramp)
         use_ds = self.use_cps or self.use_cl
+        pasted = None  # (b_u, 1, *S) True where an unlabeled slot holds labeled voxels (copy_paste)
+        if self.copy_paste > 0 and x.shape[0] > nl:
+            x, pasted, y_pasted = self._copy_paste(x, y, gen)
         x_cs = x if use_ds else x[:nl]
         x_ds = x if self.use_cps else x[:nl]
         for m in (self.cs_network, self.ds_network, self.contrastive):
@@ -353,6 +370,8 @@ class DiffCLTrainer(Trainer):
             if use_ds:
                 with torch.no_grad():
                     pseudo_cs = class_argmax(cs_logits[nl : x_ds.shape[0]])  # Y^u, line 5
+                    if pasted is not None:  # the pasted labeled voxels are known
+                        pseudo_cs = torch.where(pasted, y_pasted, pseudo_cs)
                     one_hot = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
                     y0 = self.diffusion.encode(one_hot)
                     t = self.diffusion.sample_timesteps(x_ds.shape[0], device, generator=gen)
@@ -370,11 +389,16 @@ class DiffCLTrainer(Trainer):
         zero = cs_logits.new_zeros((), dtype=torch.float32)
         loss_sup_cs = self._supervised(cs_logits[:nl], y, beta2)  # eq. 19 (line 8)
         loss_sup_ds = self._supervised(ds_logits[:nl], y, beta1) if use_ds else zero  # eq. 18 (line 9)
+        if pasted is not None:  # eq. 18-19 on the pasted labeled voxels of the mixed images
+            loss_sup_cs = loss_sup_cs + self.dice_ce(cs_logits[nl:], y_pasted, beta2, mask=pasted)
+            loss_sup_ds = loss_sup_ds + self.dice_ce(ds_logits[nl:], y_pasted, beta1, mask=pasted)
         loss_cps_cs = loss_cps_ds = zero
         if self.use_cps:
             probs_ds = self._ds_pseudo_probs(x[nl:], ds_logits[nl:], gen)
             pseudo_ds = class_argmax(probs_ds)  # Y~u
             mask_cs, mask_ds = self._confident(probs_ds), self._confident(cs_logits[nl:].detach().softmax(1))
+            if pasted is not None:  # cross pseudo-supervision on the unlabeled voxels only
+                mask_cs, mask_ds = (~pasted if m is None else m & ~pasted for m in (mask_cs, mask_ds))
             loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2, mask=mask_cs)  # eq. 7 (line 10)
             loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1, mask=mask_ds)  # eq. 6 (line 11)
         loss_cl = zero
@@ -408,9 +432,46 @@ class DiffCLTrainer(Trainer):
         out.update(self.learning_rates())
         if HIDDEN_LABEL in batchdata and self.use_cps:
             hidden = batchdata[HIDDEN_LABEL].to(device).long()
+            if hidden.ndim == x.ndim - 1:
+                hidden = hidden.unsqueeze(1)
+            if pasted is not None:  # the unlabeled voxels of the mixed images only
+                hidden, pseudo_cs, pseudo_ds = (torch.where(pasted, 0, v) for v in (hidden, pseudo_cs, pseudo_ds))
             out["pseudo_dice_cs"] = foreground_dice(pseudo_cs, hidden)
             out["pseudo_dice_ds"] = foreground_dice(pseudo_ds, hidden)
         return out
+
+    def _copy_paste(
+        self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bidirectional copy-paste (BCP) of the unlabeled slots of a batch with the labeled ones.
+
+        Unlabeled slot ``j`` pairs with labeled image ``j mod b_l``; a cube of side ``copy_paste`` x the patch (per
+        axis, at a random place) is the region that the unlabeled image gives to the labeled one (``j`` even) or
+        takes from it (``j`` odd), as BCP mixes each pair both ways.
+
+        Args:
+            x: (b_l + b_u, C, *S) images, labeled first.
+            y: (b_l, 1, *S) labels of the labeled images.
+            gen: the iteration's generator (cube places).
+
+        Returns:
+            ``(x_mixed, pasted, y_pasted)``: the batch with its unlabeled slots mixed; (b_u, 1, *S) True where a slot
+            holds labeled voxels; (b_u, 1, *S) the labels of its labeled image (valid where ``pasted``).
+        """
+        nl, spatial = y.shape[0], x.shape[2:]
+        pair = torch.arange(x.shape[0] - nl, device=x.device) % nl
+        cube = torch.zeros((len(pair), 1, *spatial), dtype=torch.bool, device=x.device)
+        for j in range(len(pair)):
+            box = []
+            for size in spatial:
+                side = max(1, round(self.copy_paste * size))
+                start = int(torch.randint(0, size - side + 1, (), generator=gen, device=x.device))
+                box.append(slice(start, start + side))
+            cube[(j, 0, *box)] = True
+        odd = (torch.arange(len(pair), device=x.device) % 2 == 1).view(-1, *[1] * (cube.ndim - 1))
+        pasted = torch.where(odd, cube, ~cube)
+        mixed = torch.where(pasted, x[pair], x[nl:])
+        return torch.cat([x[:nl], mixed]), pasted, y[pair]
 
     def _recycled(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The DS's own prediction from pure noise (``t = T``), as the signal to noise instead of ``Y_0``.

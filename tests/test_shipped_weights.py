@@ -1,0 +1,98 @@
+"""The LA bundle's shipped weights (bundles/la/docs/README.md, "Shipped weights"): they fit the inference config, the
+inference command runs them without ``--ckpt_path`` on a user's scan, ``package`` ships them, and a real LA case
+gets the Dice that the bundle's docs record."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser
+
+from diffcl_algo.bundle.compose import SHIPPED_MODEL, dataset_values
+from diffcl_algo.bundle.package import check_checkpoint, file_md5, package
+from diffcl_algo.bundle.run import default_weights
+from diffcl_algo.evaluation.metrics import foreground_dice
+
+REPO = Path(__file__).resolve().parents[1]
+LA = REPO / "bundles" / "la"
+WEIGHTS = LA / "models" / "model.pt"
+SHARED_LA = REPO.parent / "shared" / "data" / "LA"
+CASE = "MVKIPGBKTNSENNP1S4HB"  # a report case of the CPU protocol: never trained on, not used for selection
+
+
+def test_weights_fit_the_inference_config_and_are_half_precision():
+    state = check_checkpoint(WEIGHTS, LA / "configs" / "inference.yaml", LA / "configs" / "metadata.json")
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    assert WEIGHTS.stat().st_size < 10 * 2**20
+
+
+def test_shipped_model_values_are_the_cpu_protocol_they_were_trained_with():
+    cpu = yaml.safe_load((LA / "configs" / "cpu.yaml").read_text())
+    shipped = dataset_values("la")[SHIPPED_MODEL]
+    assert shipped == {k: cpu[k] for k in shipped}
+    inference = yaml.safe_load((LA / "configs" / "inference.yaml").read_text())
+    evaluate = yaml.safe_load((LA / "configs" / "evaluate.yaml").read_text())
+    assert {k: inference[k] for k in shipped} == shipped
+    assert evaluate["n_filters"] == 16 and evaluate["patch_size"] == [112, 112, 80]  # the paper's, unchanged
+
+
+def test_large_files_names_the_shipped_weights_with_their_hash():
+    entries = yaml.safe_load((LA / "large_files.yml").read_text())["large_files"]
+    assert entries == [{"path": "models/model.pt", "url": "", "hash_val": file_md5(WEIGHTS), "hash_type": "md5"}]
+
+
+def test_default_weights_prefer_the_users_own_then_the_shipped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(LA / "configs" / "inference.yaml")
+    parser = ConfigParser()
+    parser.read_config(config)
+    assert default_weights(parser, config) == str(WEIGHTS)
+    (tmp_path / "models").mkdir()
+    torch.save({}, tmp_path / "models" / "model.pt")  # weights the user trained into ./models (bundle_root ".")
+    assert default_weights(parser, config) == "./models/model.pt"
+
+
+def test_package_ships_the_bundles_weights_by_default(tmp_path):
+    out = package(str(LA), output=str(tmp_path / "la.zip"))
+    with zipfile.ZipFile(out) as archive:
+        assert archive.read("diffcl_la/models/model.pt") == WEIGHTS.read_bytes()
+        large = yaml.safe_load(archive.read("diffcl_la/large_files.yml"))["large_files"]
+    assert large[0]["path"] == "models/model.pt" and large[0]["hash_val"] == file_md5(WEIGHTS)
+    with pytest.raises(ValueError, match="--output"):
+        package(str(LA))
+
+
+def _recorded_dice(case: str) -> float:
+    """The case's Dice in the bundle README's table of the shipped weights."""
+    row = re.search(rf"^\| {case} \| ([0-9.]+) \|", (LA / "docs" / "README.md").read_text(), re.MULTILINE)
+    assert row, f"bundles/la/docs/README.md records no Dice of {case}"
+    return float(row.group(1))
+
+
+@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data (../shared/data/LA) not available")
+def test_a_users_scan_is_segmented_with_the_shipped_weights(tmp_path):
+    """The README's command from the user's folder, no --ckpt_path: the mask lands on the scan's grid with the Dice
+    that the bundle's docs record for this unseen case (within 0.01)."""
+    with h5py.File(SHARED_LA / "2018LA_Seg_Training Set" / CASE / "mri_norm2.h5", "r") as f:
+        image, label = f["image"][()], f["label"][()]
+    affine = np.diag([0.625, 0.625, 0.625, 1.0])
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), tmp_path / "scan.nii.gz")
+    cmd = [sys.executable, "-m", "diffcl_algo", "run", "inferring", "--config_file",
+           str(LA / "configs" / "inference.yaml"), "--images", "['scan.nii.gz']"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mask = nib.load(tmp_path / "infer" / "scan.nii.gz")
+    assert mask.shape == image.shape and np.allclose(mask.affine, affine)
+    dice = foreground_dice(np.asarray(mask.dataobj), label)
+    assert dice == pytest.approx(_recorded_dice(CASE), abs=0.01)
