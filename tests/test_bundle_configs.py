@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from diffcl_algo.bundle.compose import CONFIG_DIR, DATASETS, WORKFLOWS, compose, dataset_values, write_bundles
+from diffcl_algo.bundle.compose import (
+    CONFIG_DIR,
+    DATASETS,
+    SHIPPED_MODEL,
+    WORKFLOWS,
+    compose,
+    dataset_values,
+    write_bundles,
+)
 from diffcl_algo.bundle.expressions import check_command_line_ids
 from diffcl_algo.bundle.run import build_trainer, load_bundle, run_workflow
 from diffcl_algo.utils import config_error_cause
@@ -44,18 +52,24 @@ def test_a_dataset_differs_from_the_graph_by_its_values_only(dataset, workflow):
     bundle = ConfigParser.load_config_file(str(REPO / "bundles" / dataset / "configs" / f"{workflow}.yaml"))
     graph = compose(workflow)
     values = dataset_values(dataset)
+    shipped = values.pop(SHIPPED_MODEL, None) or {}  # the shipped weights' values: inference only
+    expected = {k: v for k, v in values.items() if k in graph}
+    if workflow == "inference":
+        expected.update(shipped)
     differences = {k: v for k, v in bundle.items() if graph.get(k, KeyError) != v}
     assert set(bundle) == set(graph)
-    assert differences == {k: v for k, v in values.items() if k in graph}
-    assert all(graph[k] != v for k, v in values.items() if k in graph)  # every stated value is a real difference
+    assert differences == expected
+    assert all(graph[k] != v for k, v in expected.items())  # every stated value is a real difference
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_each_value_is_stated_once_per_dataset(dataset):
     text = (CONFIG_DIR / "datasets" / f"{dataset}.yaml").read_text()
     keys = re.findall(r"^(\w+):", text, flags=re.MULTILINE)
-    assert len(keys) == len(set(keys)) and set(keys) == set(dataset_values(dataset))
-    assert set(keys) <= set().union(*(compose(w) for w in WORKFLOWS))
+    values = dataset_values(dataset)
+    assert len(keys) == len(set(keys)) and set(keys) == set(values)
+    shipped = values.pop(SHIPPED_MODEL, None) or {}
+    assert set(values) | set(shipped) <= set().union(*(compose(w) for w in WORKFLOWS))
 
 
 def test_one_graph_one_network_and_the_settings_check_in_every_workflow():

@@ -4,14 +4,17 @@ Unmarked tests (default run, main environment): the request guards as an ASGI mi
 loading from another directory. ``monailabel``-marked tests (deselected by default; ``.ci/run`` runs them after
 ``integrations/monailabel/setup_env.sh``): a real ``monailabel start_server`` from the MONAI Label environment
 (``$DIFFCL_MONAILABEL_PYTHON``, default ``.venv-monailabel/bin/python``; missing: the tests fail) serving the LA
-bundle with a random-init CS checkpoint, called over HTTP: the label volume equals ``predict_volume``'s, path-like
-image ids and oversize bodies get 4xx.
+bundle with its shipped weights (``bundles/la/models/model.pt``, the app's default: no ``--conf ckpt``, no training),
+called over HTTP: the label volume equals ``predict_volume``'s with the same weights, a real LA case (when
+``../shared/data/LA`` exists) gets a mask with Dice above 0.8, path-like image ids, malformed and oversize bodies get
+4xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import http.client
 import io
 import json
@@ -32,20 +35,25 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from diffcl_algo.bundle.expressions import as_bool
 from diffcl_algo.inference.predict import predict_volume
 from integrations.monailabel.diffcl_monailabel import guards
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "integrations" / "monailabel" / "app"
 LA_BUNDLE = REPO / "bundles" / "la"
+SHIPPED = LA_BUNDLE / "models" / "model.pt"  # the bundle's trained weights (fp16 CS state_dict), served by default
+LA_DATA = REPO.parent / "shared" / "data" / "LA"  # the field's LA h5 files (read-only), when present
+REAL_CASE = "MVKIPGBKTNSENNP1S4HB"  # a case of LA_DATA: Dice 0.884 with the bundle's inference command
 MODEL = "diffcl_la"
 SHAPE = (64, 64, 48)
 LIMIT_MB = 2  # the test server's --conf max_upload_mb
 
 
 # ---------------------------------------------------------------------------------------------------- venv set-up
-def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[str] = None,
-                  cpu_index: Optional[str] = None) -> str:
+def _torch_source(
+    tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[str] = None, cpu_index: Optional[str] = None
+) -> str:
     """What setup_env.sh would install, with a fake ``nvidia-smi`` (its output, or None: not installed) and a CPU
     index (default: a local folder that lists torch, i.e. an index that answers)."""
     bin_dir = tmp_path / "bin"
@@ -60,12 +68,19 @@ def _torch_source(tmp_path: Path, nvidia_smi: Optional[str], choice: Optional[st
         (tmp_path / "index" / "torch").write_text("<html></html>")  # the index's page of torch
         cpu_index = (tmp_path / "index").as_uri()
     python_dir = os.path.dirname(shutil.which("python3") or sys.executable)
-    env = {"PATH": os.pathsep.join([str(bin_dir), python_dir, "/usr/bin", "/bin"]), "HOME": str(tmp_path),
-           "DIFFCL_MONAILABEL_CPU_INDEX": cpu_index}
+    env = {
+        "PATH": os.pathsep.join([str(bin_dir), python_dir, "/usr/bin", "/bin"]),
+        "HOME": str(tmp_path),
+        "DIFFCL_MONAILABEL_CPU_INDEX": cpu_index,
+    }
     if choice is not None:
         env["DIFFCL_MONAILABEL_TORCH"] = choice
-    out = subprocess.run(["bash", str(REPO / "integrations/monailabel/setup_env.sh"), "--print-torch-source"],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        ["bash", str(REPO / "integrations/monailabel/setup_env.sh"), "--print-torch-source"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -88,9 +103,7 @@ def _call(
     """Run ``guard`` on one request; returns (status, what the inner app saw: body bytes or None if not called)."""
     seen: dict[str, Any] = {"body": None}
     sent: list[dict] = []
-    pending = [
-        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
-    ]
+    pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
 
     async def receive() -> dict:
         return pending.pop(0) if pending else {"type": "http.disconnect"}
@@ -121,9 +134,18 @@ def test_guard_rejects_traversing_ids_and_paths():
     guard = guards.RequestGuard(None, max_body_bytes=100)
     assert _call(guard, "/infer/m", b"image=case_01") == (200, b"")
     assert _call(guard, "/infer/m", b"image=1.2.840.113619.2&session_id=0f8e-11ef&uncompress=false") == (200, b"")
-    for query in (b"image=../../etc/passwd", b"image=..%2F..%2Fetc%2Fpasswd", b"image=%2Fetc%2Fpasswd",
-                  b"image=..", b"label=a/b", b"tag=..%5Cx", b"id=.hidden", b"session_id=a%00b", b"image=a%20b",
-                  b"uncompress=true"):
+    for query in (
+        b"image=../../etc/passwd",
+        b"image=..%2F..%2Fetc%2Fpasswd",
+        b"image=%2Fetc%2Fpasswd",
+        b"image=..",
+        b"label=a/b",
+        b"tag=..%5Cx",
+        b"id=.hidden",
+        b"session_id=a%00b",
+        b"image=a%20b",
+        b"uncompress=true",
+    ):
         assert _call(guard, "/datastore/image", query) == (400, None), query
     for path in ("/infer/../../etc", "/model/..", "/infer/a\\b", "/infer/a\x00"):
         assert _call(guard, path) == (400, None), path
@@ -196,8 +218,11 @@ def _venv_python() -> Path:
     where = subprocess.run([str(py), "-c", code], cwd="/", capture_output=True, text=True)
     files = where.stdout.split()
     if where.returncode or not all(Path(f).resolve().is_relative_to(REPO) for f in files):
-        pytest.fail(f"{py} does not import this checkout ({where.stdout.strip() or where.stderr[-500:]}): "
-                    "run integrations/monailabel/setup_env.sh", pytrace=False)
+        pytest.fail(
+            f"{py} does not import this checkout ({where.stdout.strip() or where.stderr[-500:]}): "
+            "run integrations/monailabel/setup_env.sh",
+            pytrace=False,
+        )
     return py
 
 
@@ -207,11 +232,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _la_network() -> torch.nn.Module:
-    """The LA bundle's CS network (its inference config, random init)."""
+def _la_config() -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(LA_BUNDLE / "configs" / "inference.yaml"))
-    return parser.get_parsed_content("network_def")
+    parser.update({"bundle_root": str(LA_BUNDLE)})
+    return parser
+
+
+def _shipped_network() -> torch.nn.Module:
+    """The LA bundle's CS network (its inference config) with the shipped weights, as the server loads them
+    (strict; the fp16 tensors of the file are copied into the network's fp32 parameters)."""
+    net = _la_config().get_parsed_content("network_def")
+    net.load_state_dict(torch.load(SHIPPED, map_location="cpu"))
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    return net.eval()
+
+
+def _expected_probs(net: torch.nn.Module, path: Path) -> torch.Tensor:
+    """Class probabilities (2, *S) of a scan file on its own grid: ``predict_volume`` of the file runs the bundle's
+    inference chain (z-score, orientation, resampling to ``model_spacing``, sliding window, ``Invertd``) with the
+    bundle's values."""
+    p = _la_config()
+    scan_options = {key: p[key] for key in ("model_spacing", "orientation", "roi", "spacing", "scan_norm")}
+    scan_options["normalize"] = as_bool(p["normalize_intensity"])
+    return predict_volume(net, path, p["patch_size"], p["strides"], **scan_options)[0]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _volume() -> np.ndarray:
@@ -225,31 +273,50 @@ def _volume() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[dict]:
-    """A MONAI Label server of the LA bundle (random-init CS network), its inputs and the expected label map."""
+    """A MONAI Label server of the LA bundle with its shipped weights (no ``--conf ckpt``: the app's default
+    ``<bundle>/models/model.pt``), its inputs and the expected label maps (same weights, in this process)."""
     py = _venv_python()
     work = tmp_path_factory.mktemp("monailabel")
-    torch.manual_seed(0)
-    net = _la_network().eval()
+    shipped_sha256 = _sha256(SHIPPED)
+    net = _shipped_network()
     image = _volume()
-    with torch.no_grad():  # centre the class-1 logit margin so that both classes cover about half the volume
-        probs = predict_volume(net, image[None], patch_size=(112, 112, 80), strides=(18, 18, 4))
-        margin = torch.log(probs[0, 1]) - torch.log(probs[0, 0])
-        net.out_conv.bias[1] -= margin.median()
-    ckpt = work / "model.pt"
-    torch.save(net.state_dict(), ckpt)
-    probs = predict_volume(net, image[None], patch_size=(112, 112, 80), strides=(18, 18, 4))[0]
     studies = work / "studies"
     studies.mkdir()
     affine = np.diag([0.625, 0.625, 0.625, 1.0])
     nib.save(nib.Nifti1Image(image, affine), studies / "case0.nii.gz")
+    probs = _expected_probs(net, studies / "case0.nii.gz")
     outside = work / "outside.nii.gz"  # a NIfTI on the server's disk but not in the datastore
     nib.save(nib.Nifti1Image(image, affine), outside)
+    real_label = None
+    real = sorted(LA_DATA.glob(f"*/{REAL_CASE}/*.h5")) if LA_DATA.is_dir() else []
+    if real:  # a real LGE-MRI case of the field (z-scored crop), as a NIfTI at the h5 files' 0.625 mm
+        import h5py
+
+        with h5py.File(real[0], "r") as f:
+            nib.save(nib.Nifti1Image(np.asarray(f["image"], np.float32), affine), studies / "la_real.nii.gz")
+            real_label = np.asarray(f["label"]) > 0
 
     port = _free_port()
-    cmd = [str(py.parent / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port), "--uvicorn_app", "diffcl_monailabel.asgi:app",
-           "--conf", "bundles", str(LA_BUNDLE), "--conf", "ckpt", str(ckpt),
-           "--conf", "max_upload_mb", str(LIMIT_MB)]
+    cmd = [
+        str(py.parent / "monailabel"),
+        "start_server",
+        "--app",
+        str(APP_DIR),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--uvicorn_app",
+        "diffcl_monailabel.asgi:app",
+        "--conf",
+        "bundles",
+        str(LA_BUNDLE),
+        "--conf",
+        "max_upload_mb",
+        str(LIMIT_MB),
+    ]
     log = work / "server.log"
     started = time.monotonic()
     # as in an activated venv: MONAI Label's `monailabel` script runs `python` ($MONAILABEL_PYEXE) from the PATH
@@ -267,8 +334,20 @@ def served(tmp_path_factory) -> Iterator[dict]:
                     break
             except OSError:
                 time.sleep(1)
-        yield {"port": port, "image": image, "probs": probs, "outside": outside, "work": work, "log": log,
-               "startup_s": time.monotonic() - started, "cmd": cmd, "pid": proc.pid}
+        yield {
+            "port": port,
+            "image": image,
+            "probs": probs,
+            "outside": outside,
+            "work": work,
+            "log": log,
+            "startup_s": time.monotonic() - started,
+            "cmd": cmd,
+            "pid": proc.pid,
+            "net": net,
+            "shipped_sha256": shipped_sha256,
+            "real_label": real_label,
+        }
     finally:
         proc.terminate()
         try:
@@ -335,8 +414,9 @@ def test_infer_datastore_image_and_upload(served):
 
     upload, content_type = _multipart({"file": ("scan.nii.gz", (served["work"] / "studies/case0.nii.gz").read_bytes())})
     start = time.monotonic()
-    status, headers, body = _request(port, "POST", f"/infer/{MODEL}?output=image", upload,
-                                     {"Content-Type": content_type})
+    status, headers, body = _request(
+        port, "POST", f"/infer/{MODEL}?output=image", upload, {"Content-Type": content_type}
+    )
     served["latency_upload_s"] = time.monotonic() - start
     assert status == 200, body[:500]
     _check_label(_label(body), served["probs"])
@@ -349,28 +429,31 @@ def test_infer_datastore_image_and_upload(served):
     status, _, body = _request(port, "POST", f"/infer/{MODEL}?session_id={session_id}&output=image")
     assert status == 200, body[:500]
     _check_label(_label(body), served["probs"])
-    print(f"startup {served['startup_s']:.1f} s; /infer by id {served['latency_id_s']:.2f} s, "
-          f"upload {served['latency_upload_s']:.2f} s")
+    print(
+        f"startup {served['startup_s']:.1f} s; /infer by id {served['latency_id_s']:.2f} s, "
+        f"upload {served['latency_upload_s']:.2f} s"
+    )
 
 
 @pytest.mark.monailabel
 def test_raw_flipped_upload_comes_back_on_its_grid(served):
     """A raw-intensity copy (int16, x180 + 400) stored with its first axis flipped: the bundle's preprocessing
-    normalises and reorients it, Invertd puts the mask back on the upload's grid. The reference is the network on
-    the z-scored int16 values (rounding to integers moves a few voxels of the float image's mask), flipped."""
+    normalises, reorients and resamples it, Invertd puts the mask back on the upload's grid. The reference is the
+    bundle's chain on the same int16 values stored unflipped (rounding to integers moves a few voxels of the float
+    image's mask), compared with the answer flipped back."""
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     flip[0, 3] = SHAPE[0] - 1
     stored = np.round(served["image"] * 180 + 400).astype(np.int16)
-    net = _la_network().eval()
-    net.load_state_dict(torch.load(served["work"] / "model.pt"))
-    zscored = ((stored - stored.mean()) / stored.std()).astype(np.float32)
-    probs = predict_volume(net, zscored[None], patch_size=(112, 112, 80), strides=(18, 18, 4))[0]
+    unflipped = served["work"] / "raw.nii.gz"
+    nib.save(nib.Nifti1Image(stored, np.diag([0.625, 0.625, 0.625, 1.0])), unflipped)
+    probs = _expected_probs(served["net"], unflipped)
     raw = np.ascontiguousarray(stored[::-1])
     path = served["work"] / "raw_flipped.nii.gz"
     nib.save(nib.Nifti1Image(raw, np.diag([0.625, 0.625, 0.625, 1.0]) @ flip), path)
     upload, content_type = _multipart({"file": ("raw_flipped.nii.gz", path.read_bytes())})
-    status, _, body = _request(served["port"], "POST", f"/infer/{MODEL}?output=image", upload,
-                               {"Content-Type": content_type})
+    status, _, body = _request(
+        served["port"], "POST", f"/infer/{MODEL}?output=image", upload, {"Content-Type": content_type}
+    )
     assert status == 200, body[:500]
     _check_label(np.ascontiguousarray(_label(body)[::-1]), probs)
 
@@ -394,13 +477,15 @@ def test_traversing_ids_rejected(served):
     form, content_type = _multipart({"files": ("x.tar", b"not an archive")})
     status, _, body = _request(port, "PUT", "/session/?uncompress=true", form, {"Content-Type": content_type})
     assert status == 400, body
-    # the served checkpoint cannot be replaced or removed over HTTP (MONAI Label's PUT / DELETE /model/<model>)
-    ckpt = served["work"] / "model.pt"
-    before = ckpt.read_bytes()
+    # the served checkpoint (the shipped weights) cannot be replaced or removed over HTTP (MONAI Label's
+    # PUT / DELETE /model/<model>)
     form, content_type = _multipart({"file": ("model.pt", b"not a checkpoint")})
     assert _request(port, "PUT", f"/model/{MODEL}", form, {"Content-Type": content_type})[0] == 403
     assert _request(port, "DELETE", f"/model/{MODEL}")[0] == 403
-    assert ckpt.read_bytes() == before
+    assert _sha256(SHIPPED) == served["shipped_sha256"]
+    status, _, body = _request(port, "POST", f"/infer/{MODEL}?image=case0&output=image")  # still the same weights
+    assert status == 200, body[:300]
+    _check_label(_label(body), served["probs"])
     # datastore upload under a traversing id: refused, nothing written outside the studies folder
     form, content_type = _multipart({"file": ("x.nii.gz", b"not an image")})
     target = served["work"] / "evil.nii.gz"
@@ -527,6 +612,27 @@ def test_bounded_load_every_answer_a_mask_identical_to_a_single_request(served):
         np.testing.assert_array_equal(_label(body), single)
     assert _request(port, "GET", "/info/")[0] == 200  # no crash
     growth_mib = (max(peak) - before) / 1024
-    print(f"20 requests from 4 clients in {elapsed:.1f} s; server RSS {before / 1024:.0f} MiB before, "
-          f"peak +{growth_mib:.0f} MiB")
+    print(
+        f"20 requests from 4 clients in {elapsed:.1f} s; server RSS {before / 1024:.0f} MiB before, "
+        f"peak +{growth_mib:.0f} MiB"
+    )
     assert growth_mib < 2048, growth_mib  # bounded: no per-request leak of volumes
+
+
+@pytest.mark.monailabel
+def test_shipped_weights_segment_a_real_case(served):
+    """The shipped weights' served mask of a real LA scan (``../shared/data/LA``, one case as NIfTI at 0.625 mm, by
+    datastore id) is not trivial: foreground present, not the whole volume, Dice above 0.8 against the case's label
+    (the bundle's inference command: 0.884). Skipped when the shared data are absent."""
+    label = served["real_label"]
+    if label is None:
+        pytest.skip(f"no LA case {REAL_CASE} under ../shared/data/LA")
+    start = time.monotonic()
+    status, _, body = _request(served["port"], "POST", f"/infer/{MODEL}?image=la_real&output=image")
+    assert status == 200, body[:300]
+    mask = _label(body) > 0
+    assert mask.shape == label.shape
+    assert 0 < mask.sum() < mask.size
+    dice = 2 * (mask & label).sum() / (mask.sum() + label.sum())
+    print(f"real case {REAL_CASE} {mask.shape}: Dice {dice:.3f}, {time.monotonic() - start:.1f} s")
+    assert dice > 0.8, dice

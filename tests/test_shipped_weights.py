@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ckpt_export, download_large_files, verify_net_in_out
 
 from diffcl_algo.bundle.compose import SHIPPED_MODEL, dataset_values
 from diffcl_algo.bundle.package import check_checkpoint, file_md5, package
@@ -63,12 +63,27 @@ def test_default_weights_prefer_the_users_own_then_the_shipped(tmp_path, monkeyp
     assert default_weights(parser, config) == "./models/model.pt"
 
 
-def test_package_ships_the_bundles_weights_by_default(tmp_path):
+def test_package_ships_the_bundles_weights_by_default(tmp_path, monkeypatch):
+    """The zip of ``package`` without ``--ckpt_path``: the shipped file, named with its md5, exporting to TorchScript
+    (model-zoo ``verify_bundle -m full``'s last step) with the eager network's output."""
     out = package(str(LA), output=str(tmp_path / "la.zip"))
     with zipfile.ZipFile(out) as archive:
         assert archive.read("diffcl_la/models/model.pt") == WEIGHTS.read_bytes()
         large = yaml.safe_load(archive.read("diffcl_la/large_files.yml"))["large_files"]
+        archive.extractall(tmp_path / "zoo")
     assert large[0]["path"] == "models/model.pt" and large[0]["hash_val"] == file_md5(WEIGHTS)
+    monkeypatch.chdir(tmp_path / "zoo" / "diffcl_la")
+    files = {"meta_file": "configs/metadata.json", "config_file": "configs/inference.yaml", "bundle_root": "."}
+    download_large_files(bundle_path=".")  # the md5 of the present file is checked, nothing is downloaded
+    verify_net_in_out(net_id="network_def", device="cpu", **files)  # at the metadata's 48x48x32
+    ckpt_export(net_id="network_def", **files)
+    parser = ConfigParser()
+    parser.read_config(files["config_file"])
+    eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(torch.load("models/model.pt", weights_only=True))
+    x = torch.rand(1, 1, 48, 48, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load("models/model.ts")(x), eager.eval()(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="--output"):
         package(str(LA))
 

@@ -1,14 +1,15 @@
 """MONAI Label app serving diffcl_algo bundles (docs/monailabel.md).
 
     monailabel start_server --app integrations/monailabel/app --studies <images> --host 127.0.0.1 --port 8000 \
-        --uvicorn_app diffcl_monailabel.asgi:app --conf bundles bundles/la --conf ckpt <model.pt>
+        --uvicorn_app diffcl_monailabel.asgi:app --conf bundles bundles/la
 
 App conf (``--conf KEY VALUE``):
 
 * ``bundles``: comma-separated bundle folders (default: this repository's ``bundles/la``); each is served as model
   ``diffcl_<folder name>`` (``diffcl_la``; a folder already named ``diffcl_...`` keeps its name) by
   :class:`~diffcl_monailabel.infer.DiffCLBundleInferTask`;
-* ``ckpt``: the checkpoint, with a single bundle only (default ``<bundle>/models/model.pt``);
+* ``ckpt``: the checkpoint, with a single bundle only (default ``<bundle>/models/model.pt``: the LA bundle ships
+  trained weights there, so the server segments without a training step);
 * ``max_upload_mb``: request body limit of :mod:`diffcl_monailabel.asgi` (default 256);
 * MONAI Label's own keys (``preload`` ...).
 
