@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from gpu_paper_scale import ENV_REPORT, Clock, install_wheels
+from gpu_paper_scale import ENV_REPORT, Clock, add_device_arguments, install_wheels
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 1280  # cpu.yaml's max_iterations
@@ -230,9 +230,7 @@ def tables(root: Path, names: list[str]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--wheels", default=".whl", help="folder of carried wheels (skipped when absent)")
-    p.add_argument("--work", default="/tmp/diffcl_grid", help="scratch folder: site-packages and runs")
-    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_out", help="results folder ($OUT on the device)")
+    add_device_arguments(p, "/tmp/diffcl_grid")
     p.add_argument("--concurrency", type=int, default=18, help="jobs at once (one CPU thread each)")
     p.add_argument("--budget_s", type=float, default=540.0, help="the whole script ends within this many seconds")
     p.add_argument("--first_guess_s", type=float, default=300.0, help="a job's duration before any has finished")

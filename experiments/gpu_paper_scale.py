@@ -190,12 +190,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_device_arguments(p: argparse.ArgumentParser, work: str) -> None:
+    """``--wheels``, ``--work`` and ``--out``: what every device script takes."""
+    p.add_argument("--wheels", default=".whl", help="folder of carried wheels (skipped when absent)")
+    p.add_argument("--work", default=work, help="scratch folder: site-packages, data, runs")
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_out", help="results folder ($OUT on the device)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--packed", default="data/LA_packed.npz", help="file written by experiments/pack_la.py pack")
-    p.add_argument("--wheels", default=".whl", help="folder of carried wheels (skipped when absent)")
-    p.add_argument("--work", default="/tmp/diffcl_gpu", help="scratch folder: site-packages, data, runs")
-    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_out", help="summary folder ($OUT on the device)")
+    add_device_arguments(p, "/tmp/diffcl_gpu")
     p.add_argument("--full_iters", type=int, default=900, help="iterations of full Diff-CL")
     p.add_argument("--sup_iters", type=int, default=900, help="iterations of supervised-only")
     p.add_argument("--val_interval", type=int, default=150, help="iterations between validations (and checkpoints)")
