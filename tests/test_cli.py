@@ -149,7 +149,8 @@ def test_missing_checkpoint_fails_once_without_output(tmp_path):
     assert out.returncode == 1
     message = (
         f"error: checkpoint {tmp_path / 'model.pt'} does not exist; pass the trained weights with "
-        "--ckpt_path <model.pt> (the model.pt that training writes to its output_dir)"
+        "--ckpt_path <model.pt> (the model.pt that training writes to its output_dir), or --bundle_root <bundle "
+        "folder> for the weights a bundle ships in its models/"
     )
     assert _last_line(out.stderr) == message
     assert (out.stdout + out.stderr).count("does not exist") == 1

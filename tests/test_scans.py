@@ -30,6 +30,9 @@ SHAPE = (40, 36, 20)
 SPACING = 0.625
 PATCH, STRIDES = [16, 16, 16], [8, 8, 8]
 LA_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "la"
+#: The LA inference graph resampled to the scans' own 0.625 mm (its default is the shipped weights' 1.25 mm), so the
+#: threshold network's expected mask is known voxel by voxel.
+AT_SCAN_SPACING = {"model_spacing": [SPACING] * 3}
 
 
 def _affine(origin=(10.0, -5.0, 3.0)) -> np.ndarray:
@@ -82,7 +85,7 @@ def nrrd_scan(scans) -> Path:
 
 
 def _la_preprocessing(**overrides) -> object:
-    return load_bundle(LA_BUNDLE, "inference", **overrides).get_parsed_content("preprocessing")
+    return load_bundle(LA_BUNDLE, "inference", **{**AT_SCAN_SPACING, **overrides}).get_parsed_content("preprocessing")
 
 
 def test_copies_reach_the_network_as_the_same_input(scans, nrrd_scan):
@@ -156,6 +159,7 @@ def test_inferring_writes_masks_on_each_inputs_grid(scans, tmp_path):
         network_def=NET,
         patch_size=PATCH,
         strides=STRIDES,
+        **AT_SCAN_SPACING,
     )
     for name in names:
         source, mask = nib.load(scans[name]), nib.load(tmp_path / "out" / f"{name}.nii.gz")
@@ -182,6 +186,7 @@ def test_nrrd_input_and_predict_volume_on_a_file(scans, nrrd_scan, tmp_path):
         network_def=NET,
         patch_size=PATCH,
         strides=STRIDES,
+        **AT_SCAN_SPACING,
     )
     mask = nib.load(tmp_path / "out" / "nrrd.nii.gz")
     reference = nib.load(scans["reference"])
@@ -217,7 +222,8 @@ def test_monailabel_path_uses_the_bundle_graph(scans, tmp_path):
     SaveImaged, it writes the result itself): the same chain gives the mask on the input grid."""
     from monai.transforms import Compose, SaveImaged
 
-    parser = load_bundle(LA_BUNDLE, "inference", output_dir=str(tmp_path / "unused"), patch_size=PATCH, strides=STRIDES)
+    parser = load_bundle(LA_BUNDLE, "inference", output_dir=str(tmp_path / "unused"), patch_size=PATCH, strides=STRIDES,
+                         **AT_SCAN_SPACING)  # fmt: skip
     pre, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
     post = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)]
     net = torch.nn.Conv3d(1, 2, 1)
