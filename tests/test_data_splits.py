@@ -71,6 +71,18 @@ def test_json_datalist_and_inference_inputs(la, tmp_path):
     assert len(h5) == 2 and all(set(e) == {"image", "case"} for e in h5)  # labels dropped
 
 
+def test_a_relative_image_names_the_working_directorys_file_first(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "datalist.json").write_text(json.dumps({"testing": []}))
+    splits = CaseSplits(tmp_path / "data", datalist=tmp_path / "data" / "datalist.json")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    assert inference_cases(splits, images=["scan.nii.gz", "other.nii.gz"]) == [
+        {"image": "scan.nii.gz"},  # the user's file where the command runs
+        {"image": str(tmp_path / "data" / "other.nii.gz")},  # none there: below dataset_dir
+    ]
+
+
 def test_report_folds_rotate_over_every_case_once(la):
     train = (la / "train.list").read_text().split()
     reported = []
