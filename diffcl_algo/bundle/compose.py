@@ -30,6 +30,7 @@ __all__ = [
     "compose",
     "dataset_values",
     "render",
+    "workflow_values",
     "write_bundles",
 ]
 
@@ -99,6 +100,14 @@ def dataset_values(dataset: str) -> dict[str, Any]:
     return dict(ConfigParser.load_config_file(str(CONFIG_DIR / "datasets" / f"{dataset}.yaml")))
 
 
+def workflow_values(dataset: str, workflow: str) -> dict[str, Any]:
+    """The values ``dataset`` sets in ``workflow``: ``datasets/<dataset>.yaml``, with its ``shipped_model`` section
+    over them for the inference workflow."""
+    values = dataset_values(dataset)
+    shipped = values.pop(SHIPPED_MODEL, None) or {}
+    return {**values, **shipped} if workflow == "inference" else values
+
+
 def compose(workflow: str, dataset: Optional[str] = None) -> dict[str, Any]:
     """The merged config of ``workflow`` (``WORKFLOWS``), with the values of ``dataset`` (None: the graph's).
 
@@ -109,15 +118,11 @@ def compose(workflow: str, dataset: Optional[str] = None) -> dict[str, Any]:
         raise ValueError(f"Unknown workflow {workflow!r}; choose one of {list(WORKFLOWS)}.")
     config = ConfigParser.load_config_files([str(CONFIG_DIR / f) for f in WORKFLOWS[workflow]])
     if dataset is not None:
-        values = dataset_values(dataset)
-        shipped = values.pop(SHIPPED_MODEL, None) or {}
         known = set().union(*(_workflow_keys(w) for w in WORKFLOWS))
-        unknown = sorted((set(values) | set(shipped)) - known)
+        unknown = sorted(set().union(*(workflow_values(dataset, w) for w in WORKFLOWS)) - known)
         if unknown:
             raise ValueError(f"{CONFIG_DIR / 'datasets' / f'{dataset}.yaml'}: {unknown} are no ids of the graph.")
-        config.update({k: v for k, v in values.items() if k in config})
-        if workflow == "inference":
-            config.update(shipped)
+        config.update({k: v for k, v in workflow_values(dataset, workflow).items() if k in config})
     return config
 
 

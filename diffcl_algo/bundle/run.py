@@ -28,7 +28,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, scripts
 from monai.bundle.utils import ID_SEP_KEY
 
-from diffcl_algo.bundle.compose import CONFIG_DIR, DATASETS, WORKFLOWS, dataset_values
+from diffcl_algo.bundle.compose import CONFIG_DIR, DATASETS, WORKFLOWS, workflow_values
 from diffcl_algo.bundle.expressions import check_override_ids, config_files
 from diffcl_algo.training.checkpoint import ModelSaver, TrainStateSaver
 from diffcl_algo.training.trainer import DiffCLTrainer
@@ -58,7 +58,7 @@ def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], 
     ddp = workflow == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if bundle is None or str(bundle) in DATASETS:
         files = [str(CONFIG_DIR / f) for f in WORKFLOWS[workflow]]
-        values = {} if bundle is None else dataset_values(str(bundle))
+        values = {} if bundle is None else workflow_values(str(bundle), workflow)
         return files + ([str(CONFIG_DIR / "multi_gpu_train.yaml")] if ddp else []), values, None
     configs = Path(bundle) / "configs"
     files = [configs / f"{workflow}.yaml"] + ([configs / "multi_gpu_train.yaml"] if ddp else [])
