@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser, ckpt_export, download_large_files, verify
 
 from diffcl_algo.bundle.compose import SHIPPED_MODEL, dataset_values
 from diffcl_algo.bundle.package import check_checkpoint, file_md5, package
-from diffcl_algo.bundle.run import default_weights
+from diffcl_algo.bundle.run import default_weights, load_bundle
 from diffcl_algo.evaluation.metrics import foreground_dice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,8 @@ def test_shipped_model_values_are_the_cpu_protocol_they_were_trained_with():
     evaluate = yaml.safe_load((LA / "configs" / "evaluate.yaml").read_text())
     assert {k: inference[k] for k in shipped} == shipped
     assert evaluate["n_filters"] == 16 and evaluate["patch_size"] == [112, 112, 80]  # the paper's, unchanged
+    for workflow, n_filters in (("train", 16), ("evaluate", 16), ("inference", 8)):  # the dataset name, as the files
+        assert load_bundle("la", workflow)["n_filters"] == n_filters
 
 
 def test_large_files_names_the_shipped_weights_with_their_hash():
