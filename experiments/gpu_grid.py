@@ -69,11 +69,12 @@ def job_key(job: dict[str, Any]) -> str:
     return f"{job['name']}/l{job['labeled']}_s{job['seed']}" + (f"_f{job['fold']}" if job["fold"] else "")
 
 
-def job_command(job: dict[str, Any], root: Path) -> list[str]:
+def job_command(job: dict[str, Any], root: Path, extra: str = "") -> list[str]:
+    """``la_cpu.py run`` of one job; ``extra``: overrides added to the row's own."""
     row, overrides, ds_steps = ROWS[job["name"]]
     return [sys.executable, str(REPO / "experiments/la_cpu.py"), "run", row, "--num_labeled", str(job["labeled"]),
             "--seed", str(job["seed"]), "--fold", str(job["fold"]), "--root", str(root), "--name", job["name"],
-            "--set", overrides, "--ds_eval_steps", str(ds_steps)]  # fmt: skip
+            "--set", f"{overrides} {extra}".strip(), "--ds_eval_steps", str(ds_steps)]  # fmt: skip
 
 
 def iterations_done(run_dir: Path) -> int:
@@ -112,8 +113,8 @@ class Pool:
     """Runs jobs in plan order, ``slots`` at a time, inside a deadline (see the module docstring)."""
 
     def __init__(self, jobs: list[dict], root: Path, slots: int, deadline: float, first_guess: float,
-                 env: dict[str, str], clock: Clock, logs: Path) -> None:  # fmt: skip
-        self.queue, self.root, self.slots, self.deadline = list(jobs), root, slots, deadline
+                 env: dict[str, str], clock: Clock, logs: Path, extra: str = "") -> None:  # fmt: skip
+        self.queue, self.root, self.slots, self.deadline, self.extra = list(jobs), root, slots, deadline, extra
         self.first_guess, self.env, self.clock, self.logs = first_guess, env, clock, logs
         self.running: dict[str, tuple[dict, subprocess.Popen, float]] = {}
         self.finished: dict[str, dict] = {}
@@ -133,8 +134,9 @@ class Pool:
                 continue
             log = self.logs / (key.replace("/", "__") + ".out")
             with open(log, "w") as out:
-                proc = subprocess.Popen(job_command(job, self.root), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                        env=self.env, start_new_session=True)  # fmt: skip
+                cmd = job_command(job, self.root, self.extra)
+                proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True)  # fmt: skip
             self.running[key] = (job, proc, now)
             self.clock.say(f"started {key}")
 
@@ -264,14 +266,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         clock.say(f"environment: {report.stdout.strip() or report.stderr[-500:]}")
         if args.mps:
             env.update(start_mps(clock))
-        if args.set:
-            global ROWS
-            ROWS = {k: (row, f"{sets} {args.set}".strip(), ds) for k, (row, sets, ds) in ROWS.items()}
         jobs = expand(PLAN)
         clock.say(f"{len(jobs)} jobs in the plan, {args.concurrency} at a time")
         root = work / "runs"
         pool = Pool(jobs, root, args.concurrency, start + args.budget_s - 45, args.first_guess_s, env, clock,
-                    work / "logs")  # fmt: skip
+                    work / "logs", args.set)  # fmt: skip
         finished = pool.run(args.poll)
         (root / "jobs.json").write_text(json.dumps(finished, indent=1) + "\n")
         sys.path[:0] = [str(work / "site"), str(REPO), str(REPO / "experiments")]  # la_cpu needs all three

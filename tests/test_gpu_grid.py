@@ -24,6 +24,8 @@ def test_jobs_follow_the_plan_and_name_la_cpu_folders():
     assert cmd[1].endswith("experiments/la_cpu.py") and cmd[2:4] == ["run", "full"]
     assert cmd[cmd.index("--fold") + 1] == "1" and cmd[cmd.index("--ds_eval_steps") + 1] == "10"
     assert "monitor_pseudo_labels=true" in cmd[cmd.index("--set") + 1]
+    dry = gpu_grid.job_command(jobs[0], Path("/r"), "max_iterations=8")
+    assert dry[dry.index("--set") + 1] == "max_iterations=8"  # added to the row's own overrides (none for sup)
 
 
 def test_iterations_done_reads_the_last_train_log_line(tmp_path):
@@ -38,7 +40,7 @@ def test_iterations_done_reads_the_last_train_log_line(tmp_path):
 def stand_in_jobs(monkeypatch):
     """Each job a Python process that sleeps its seed in seconds, then writes ``summary.json`` (a scored run)."""
 
-    def command(job: dict, root: Path) -> list[str]:
+    def command(job: dict, root: Path, extra: str = "") -> list[str]:
         run_dir = root / gpu_grid.job_key(job)
         script = (f"import time, pathlib; p = pathlib.Path({str(run_dir)!r}); p.mkdir(parents=True, exist_ok=True); "
                   f"time.sleep({job['seed']}); (p / 'summary.json').write_text('{{}}')")  # fmt: skip

@@ -4,6 +4,7 @@ gets the Dice that the bundle's docs record."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -97,10 +98,14 @@ def _recorded_dice(case: str) -> float:
     return float(row.group(1))
 
 
-@pytest.mark.skipif(not SHARED_LA.is_dir(), reason="real LA data (../shared/data/LA) not available")
 def test_a_users_scan_is_segmented_with_the_shipped_weights(tmp_path):
     """The README's command from the user's folder, no --ckpt_path: the mask lands on the scan's grid with the Dice
-    that the bundle's docs record for this unseen case (within 0.01)."""
+    that the bundle's docs record for this unseen case (within 0.01). Real data: skipped without ../shared, except
+    under CI, which has it (there a missing copy fails)."""
+    if not SHARED_LA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI has no real LA data at {SHARED_LA}")
+        pytest.skip("real LA data (../shared/data/LA) not available")
     with h5py.File(SHARED_LA / "2018LA_Seg_Training Set" / CASE / "mri_norm2.h5", "r") as f:
         image, label = f["image"][()], f["label"][()]
     affine = np.diag([0.625, 0.625, 0.625, 1.0])

@@ -432,8 +432,6 @@ class DiffCLTrainer(Trainer):
         out.update(self.learning_rates())
         if HIDDEN_LABEL in batchdata and self.use_cps:
             hidden = batchdata[HIDDEN_LABEL].to(device).long()
-            if hidden.ndim == x.ndim - 1:
-                hidden = hidden.unsqueeze(1)
             if pasted is not None:  # the unlabeled voxels of the mixed images only
                 hidden, pseudo_cs, pseudo_ds = (torch.where(pasted, 0, v) for v in (hidden, pseudo_cs, pseudo_ds))
             out["pseudo_dice_cs"] = foreground_dice(pseudo_cs, hidden)
