@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from gpu_paper_scale import ENV_REPORT, Clock, add_device_arguments, install_wheels
+from gpu_paper_scale import ENV_REPORT, Clock, add_device_arguments, install_wheels, start_mps
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 1280  # cpu.yaml's max_iterations
@@ -85,28 +85,6 @@ def iterations_done(run_dir: Path) -> int:
         return 0
     epoch, it, length = map(int, found[-1])
     return (epoch - 1) * length + it
-
-
-def start_mps(clock: Clock) -> dict[str, str]:
-    """Start the CUDA MPS daemon so that the jobs' small kernels share the GPU; {} (no MPS) when it fails."""
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        clock.say("MPS: nvidia-cuda-mps-control not found; jobs time-share the GPU")
-        return {}
-    env = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps_pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps_log"}
-    for d in env.values():
-        os.makedirs(d, exist_ok=True)
-    full = {**os.environ, **env}
-    try:
-        subprocess.run([control, "-d"], env=full, check=True, timeout=20)
-        probe = "import torch; x = torch.ones(8, device='cuda'); print(float(x.sum()))"
-        subprocess.run([sys.executable, "-c", probe], env=full, check=True, timeout=60, capture_output=True)
-    except (subprocess.SubprocessError, OSError) as err:
-        clock.say(f"MPS: did not start ({err}); jobs time-share the GPU")
-        subprocess.run(f"echo quit | {control}", shell=True, env=full, timeout=20)
-        return {}
-    clock.say("MPS: daemon started, a CUDA probe ran under it")
-    return env
 
 
 class Pool:

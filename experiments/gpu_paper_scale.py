@@ -11,13 +11,16 @@ Phases, each time-boxed and logged with timestamps (``progress.log``):
 1. install the carried wheels into ``<work>/site``; report torch, the GPU and whether mamba-ssm's kernel imports
    (else the package's portable selective scan runs);
 2. unpack the cases into ``<work>/LA`` (the bundle's LA h5 layout);
-3. train the Table 6 rows ``sup`` and ``full`` at once with the stock bundle CLI (``bundles/la/configs/train.yaml``):
+3. train the Table 6 rows ``sup`` and ``full`` for every seed of ``--seeds``, all at once (under the CUDA MPS
+   daemon when it starts), with the stock bundle CLI (``bundles/la/configs/train.yaml``):
    patch 112x112x80, 16 filters, bf16 autocast, ``num_labeled`` labeled cases, report split = the last
    ``num_test_holdout`` cases of train.list (never trained or selected on), selection split = the
    ``num_val_holdout`` before them, per-volume z-score; the Gaussian ramp spans the shortened schedule and also
    warms up the unsupervised terms, as in the CPU protocol (``bundles/la/configs/cpu.yaml``);
-4. evaluate the last and the selected weights of both rows on the report split (``evaluate.yaml``);
-5. write ``summary.json`` and ``summary.md`` (with the training logs) into ``$OUT`` (``./gpu_out`` when unset).
+4. evaluate the last and the selected weights of every run on the report split (``evaluate.yaml``);
+5. write ``summary.json``, ``summary.md`` (the means, and full Diff-CL against supervised-only case by case for
+   each seed) and ``logs.tar.gz`` (every run's training and evaluation log) into ``$OUT`` (``./gpu_out`` when
+   unset), beside ``progress.log``: four files, whatever the number of seeds.
 
 A phase that runs past its time box is stopped; whatever it wrote (``model.pt`` of the last validation,
 ``train_state.pt`` of the last checkpoint) is still scored, and the summary says so.
@@ -33,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -42,8 +46,9 @@ EXPERIMENTS = REPO / "experiments"
 TRAIN = [str(REPO / "bundles/la/configs/train.yaml")]
 EVALUATE = [str(REPO / "bundles/la/configs/evaluate.yaml")]
 #: Training values that evaluation must share (network, data, split, window).
-EVAL_IDS = ("use_hfm", "residual", "normalize_intensity", "n_filters", "norm", "dataset_dir", "num_labeled",
-            "num_test_holdout", "num_val_holdout", "patch_size", "strides", "sw_batch_size", "num_workers", "amp")
+EVAL_IDS = ("use_hfm", "hfm_stages", "hfm_layer_scale", "residual", "normalize_intensity", "n_filters", "norm",
+            "dataset_dir", "num_labeled", "num_test_holdout", "num_val_holdout", "patch_size", "strides",
+            "sw_batch_size", "num_workers", "amp")
 ENV_REPORT = """import json, torch
 from diffcl_algo.networks.ssm import MAMBA_SSM_AVAILABLE
 cuda = torch.cuda.is_available()
@@ -132,12 +137,33 @@ def install_wheels(wheels: Path, site: Path, clock: Clock, timeout: float = 180.
     return [w.name for w in found]
 
 
+def start_mps(clock: Clock) -> dict[str, str]:
+    """Start the CUDA MPS daemon so that the jobs' small kernels share the GPU; {} (no MPS) when it fails."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        clock.say("MPS: nvidia-cuda-mps-control not found; jobs time-share the GPU")
+        return {}
+    env = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps_pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps_log"}
+    for d in env.values():
+        os.makedirs(d, exist_ok=True)
+    full = {**os.environ, **env}
+    try:
+        subprocess.run([control, "-d"], env=full, check=True, timeout=20)
+        probe = "import torch; x = torch.ones(8, device='cuda'); print(float(x.sum()))"
+        subprocess.run([sys.executable, "-c", probe], env=full, check=True, timeout=60, capture_output=True)
+    except (subprocess.SubprocessError, OSError) as err:
+        clock.say(f"MPS: did not start ({err}); jobs time-share the GPU")
+        subprocess.run(f"echo quit | {control}", shell=True, env=full, timeout=20)
+        return {}
+    clock.say("MPS: daemon started, a CUDA probe ran under it")
+    return env
+
+
 def train_overrides(args: argparse.Namespace, data_dir: Path, extra: dict[str, str]) -> dict[str, Any]:
-    """Bundle overrides shared by both rows; ``extra`` (the ``--set`` pairs) last."""
+    """Bundle overrides shared by every row and seed; ``extra`` (the ``--set`` pairs) last."""
     return {
         "dataset_dir": str(data_dir),
         "num_labeled": args.num_labeled,
-        "seed": args.seed,
         "num_test_holdout": args.num_test_holdout,
         "num_val_holdout": args.num_val_holdout,
         "normalize_intensity": "true",
@@ -187,6 +213,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                 f"not scored: {info.get(kind, {}).get('error', 'no weights')} | | |"
             lines.append(f"| {row} | {info['max_iterations']} / {info['iterations']} | {info['train']['seconds']}"
                          f"{' (time box)' if info['train']['timed_out'] else ''} | {kind} | {cells} |")
+    lines += ["", "| seed | weights | full - sup Dice | cases better / worse |", "|---|---|---|---|"]
+    for name, info in summary["rows"].items():
+        sup = summary["rows"].get(name.replace("full_", "sup_", 1)) if info.get("row") == "full" else None
+        for kind in ("last", "selected") if sup else ():
+            a, b = info.get(kind, {}).get("cases"), sup.get(kind, {}).get("cases")
+            if a and b:
+                diffs = [a[c]["dice"] - b[c]["dice"] for c in a if c in b]
+                better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+                lines.append(f"| {info['seed']} | {kind} | {sum(diffs) / len(diffs):+.4f} | {better} / {worse} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +242,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_labeled", type=int, default=8)
     p.add_argument("--num_test_holdout", type=int, default=16, help="report split: the last N cases of train.list")
     p.add_argument("--num_val_holdout", type=int, default=8, help="selection split: the N cases before it")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="seeds, comma-separated: each trains both rows, all at once")
+    p.add_argument("--mps", action=argparse.BooleanOptionalAction, default=True, help="try the CUDA MPS daemon")
     p.add_argument("--num_workers", type=int, default=4, help="data-loader workers of each process")
     p.add_argument("--sw_batch_size", type=int, default=4, help="sliding windows per forward (validation, evaluation)")
     p.add_argument("--log_every", type=int, default=50)
@@ -217,7 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_timeout", type=float, default=110.0, help="time box of the evaluation phase")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--set", default="", help="extra bundle overrides for training, 'id=value' pairs (toy runs)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -251,20 +289,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "selection": args.num_val_holdout, "report": args.num_test_holdout}
 
         common = train_overrides(args, data_dir, la_cpu._parse_set(args.set))
+        if args.mps:
+            env.update(start_mps(clock))
         iters = {"sup": args.sup_iters, "full": args.full_iters}
-        run_dirs = {row: work / "runs" / row for row in iters}
+        runs = {f"{row}_s{seed}": (row, seed) for seed in args.seeds for row in iters}
+        run_dirs = {name: work / "runs" / name for name in runs}
         jobs = {}
-        for row, n in iters.items():
-            run_dirs[row].mkdir(parents=True)
-            overrides = {**la_cpu.ROWS[row], **common, "max_iterations": n, "output_dir": str(run_dirs[row])}
-            jobs[row] = (la_cpu.bundle_command("training", TRAIN, overrides), out / f"train_{row}.log")
+        for name, (row, seed) in runs.items():
+            run_dirs[name].mkdir(parents=True)
+            overrides = {**la_cpu.ROWS[row], **common, "seed": seed, "max_iterations": iters[row],
+                         "output_dir": str(run_dirs[name])}
+            jobs[name] = (la_cpu.bundle_command("training", TRAIN, overrides), run_dirs[name] / "train.log")
         train_box = min(args.train_timeout, args.budget_s - clock.elapsed() - args.eval_timeout - 15)
-        clock.say(f"training {iters} at once, time box {train_box:.0f} s")
+        clock.say(f"training {sorted(runs)} at once, time box {train_box:.0f} s")
         trained = run_parallel(jobs, train_box, clock, env, args.poll)
 
         rows, eval_jobs = {}, {}
-        for row, run_dir in run_dirs.items():
-            rows[row] = {"max_iterations": iters[row], "train": trained[row], **_run_facts(run_dir)}
+        for name, run_dir in run_dirs.items():
+            row, seed = runs[name]
+            rows[name] = {"row": row, "seed": seed, "max_iterations": iters[row], "train": trained[name],
+                          **_run_facts(run_dir)}
             weights = {"selected": run_dir / "model.pt"}
             if (run_dir / "train_state.pt").exists():
                 weights["last"] = la_cpu._last_weights(run_dir)
@@ -274,24 +318,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     continue
                 eval_dir = run_dir / f"eval_{kind}"
                 overrides = {**shared, "ckpt_path": str(path), "output_dir": str(eval_dir)}
-                eval_jobs[f"{row}_{kind}"] = (la_cpu.bundle_command("evaluating", EVALUATE, overrides),
-                                              run_dir / f"eval_{kind}.log")
+                eval_jobs[f"{name}_{kind}"] = (la_cpu.bundle_command("evaluating", EVALUATE, overrides),
+                                               run_dir / f"eval_{kind}.log")
         eval_box = max(10.0, min(args.eval_timeout, args.budget_s - clock.elapsed() - 5))
         clock.say(f"evaluating {sorted(eval_jobs)} on the report split at once, time box {eval_box:.0f} s")
         evaluated = run_parallel(eval_jobs, eval_box, clock, env, args.poll)
-        for row, run_dir in run_dirs.items():
+        for name, run_dir in run_dirs.items():
             for kind in ("last", "selected"):
-                result = evaluated.get(f"{row}_{kind}")
+                result = evaluated.get(f"{name}_{kind}")
                 if result is None:
-                    rows[row][kind] = {"error": "no weights written"}
+                    rows[name][kind] = {"error": "no weights written"}
                 elif result["rc"] != 0 or result["timed_out"]:
-                    rows[row][kind] = {"error": f"evaluation {'timed out' if result['timed_out'] else 'failed'}",
-                                       "log_tail": _last_line(run_dir / f"eval_{kind}.log"), **result}
+                    rows[name][kind] = {"error": f"evaluation {'timed out' if result['timed_out'] else 'failed'}",
+                                        "log_tail": _last_line(run_dir / f"eval_{kind}.log"), **result}
                 else:
-                    rows[row][kind] = {**la_cpu._scores(run_dir / f"eval_{kind}"), "eval": result}
+                    rows[name][kind] = {**la_cpu._scores(run_dir / f"eval_{kind}"), "eval": result}
         summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(clock.elapsed(), 1),
                    "environment": environment, "wheels": wheels, "unpack": unpacked, "split": split,
                    "overrides": {k: str(v) for k, v in common.items() if k != "dataset_dir"}, "rows": rows}
+        with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:  # one file: the device returns at most eight
+            for name, run_dir in run_dirs.items():
+                for log in sorted(run_dir.glob("*.log")):
+                    tar.add(log, arcname=f"{name}/{log.name}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "summary.md").write_text(summary_markdown(summary))
         clock.say(f"done in {clock.elapsed():.0f} s: {out / 'summary.md'}\n{summary_markdown(summary)}")

@@ -49,8 +49,8 @@ ROWS = {
     "full": {"use_cps": "true", "use_hfm": "true", "use_cl": "true"},
 }
 #: Network / data ids that evaluation must share with training.
-SHARED_IDS = ("use_hfm", "residual", "normalize_intensity", "n_filters", "norm", "dataset_dir", "report_fold",
-              "label_signal", "label_scale")  # fmt: skip
+SHARED_IDS = ("use_hfm", "hfm_stages", "hfm_layer_scale", "residual", "normalize_intensity", "n_filters", "norm",
+              "dataset_dir", "report_fold", "label_signal", "label_scale")  # fmt: skip
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_gpu_script_runs_end_to_end_at_toy_size(tmp_path):
            "--wheels", str(tmp_path / "no_wheels"), "--work", str(tmp_path / "work"), "--out", str(out),
            "--full_iters", "2", "--sup_iters", "2", "--val_interval", "1", "--num_labeled", "4",
            "--num_test_holdout", "4", "--num_val_holdout", "2", "--num_workers", "0", "--sw_batch_size", "1",
-           "--log_every", "1", "--unpack_workers", "1", "--poll", "5", "--set", TOY_SET,
+           "--log_every", "1", "--unpack_workers", "1", "--poll", "5", "--set", TOY_SET, "--seeds", "0,1", "--no-mps",
            "--budget_s", "3000", "--train_timeout", "1200", "--eval_timeout", "1200"]  # no time box on a busy CPU
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -127,16 +128,25 @@ def test_gpu_script_runs_end_to_end_at_toy_size(tmp_path):
     assert summary["split"] == {"labeled": 4, "unlabeled": 2, "selection": 2, "report": 4}
     assert summary["wheels"] == [] and summary["environment"]["mamba_ssm_kernel"] in (True, False)
     assert summary["overrides"]["normalize_intensity"] == "true" and summary["overrides"]["num_test_holdout"] == "4"
-    for row in ("sup", "full"):
-        info = summary["rows"][row]
+    assert sorted(summary["rows"]) == ["full_s0", "full_s1", "sup_s0", "sup_s1"]
+    for name, info in summary["rows"].items():
+        assert name == f"{info['row']}_s{info['seed']}"
         assert info["iterations"] == 2 and info["selected_iteration"] in (1, 2) and not info["train"]["timed_out"]
         for kind in ("last", "selected"):
             assert sorted(info[kind]["cases"]) == sorted(cases[-4:]), info[kind]
             assert 0.0 <= info[kind]["mean"]["dice"] <= 1.0
     text = (out / "summary.md").read_text()
-    assert "| full | 2 / 2 |" in text and "| sup | 2 / 2 |" in text
-    assert {p.name for p in out.iterdir()} == {"summary.json", "summary.md", "progress.log", "train_sup.log",
-                                               "train_full.log"}
+    assert "| full_s1 | 2 / 2 |" in text and "| sup_s0 | 2 / 2 |" in text
+    for seed in (0, 1):  # full against supervised-only, case by case, on each seed and weights
+        for kind in ("last", "selected"):
+            full, sup = summary["rows"][f"full_s{seed}"][kind]["cases"], summary["rows"][f"sup_s{seed}"][kind]["cases"]
+            diffs = [full[c]["dice"] - sup[c]["dice"] for c in full]
+            better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            assert f"| {seed} | {kind} | {sum(diffs) / len(diffs):+.4f} | {better} / {worse} |" in text
+    assert {p.name for p in out.iterdir()} == {"summary.json", "summary.md", "progress.log", "logs.tar.gz"}
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"sup_s0/train.log", "full_s1/train.log", "full_s1/eval_last.log", "sup_s0/eval_selected.log"} <= names
 
 
 def _toy_wheel(folder: Path) -> Path:

@@ -310,3 +310,13 @@ def test_copy_paste_supervises_pasted_voxels_and_pseudo_supervises_the_rest(data
         build_trainer(output_dir=str(tmp_path / "bad"), copy_paste=1.0, **common)
     with pytest.raises(ValueError, match="copy_paste needs use_cps"):
         build_trainer(output_dir=str(tmp_path / "bad2"), copy_paste=0.5, **{**common, "use_cps": False})
+
+
+def test_hfm_layer_scale_reaches_the_cs_from_the_bundle_config(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "la", num_cases=6, shape=(20, 20, 16), seed=2, num_test=1)
+    files = [LA / "train.yaml", LA / "cpu.yaml"]
+    scaled = _parser(files, dataset_dir=str(root), check_data=False, hfm_layer_scale=0.0).get_parsed_content(
+        "network_def")
+    assert torch.equal(scaled.hfm["5"].scale.gamma, torch.zeros(16 * 8))  # cpu.yaml: n_filters 8
+    paper = _parser(files, dataset_dir=str(root), check_data=False).get_parsed_content("network_def")
+    assert isinstance(paper.hfm["5"].scale, torch.nn.Identity)
