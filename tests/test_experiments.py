@@ -113,3 +113,25 @@ def test_ds_scored_alone_from_noise(la_copy, tmp_path):
     assert set(summary) >= {"last", "selected", "ds_last"}
     assert sorted(summary["ds_last"]["cases"]) == sorted(summary["last"]["cases"])
     assert "| cps | 4 | ds_last | 1 |" in la_cpu.table(rows="cps", root=str(tmp_path))
+
+
+def test_hfm_magnitude_compares_the_module_output_with_the_features(tmp_path, capsys):
+    root = make_synthetic_dataset(tmp_path / "la", num_cases=3, shape=(52, 50, 34), seed=1)
+    magnitude = _load("hfm_magnitude")
+    torch.manual_seed(0)
+    net = VNet(3, 1, 2, n_filters=4, hfm_stages=(5,), hfm_layer_scale=0.0)
+    with torch.no_grad():
+        net.hfm["5"].scale.gamma.fill_(0.5)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    magnitude.main(data=str(root), weights=str(tmp_path / "model.pt"), cases=2, inits=1, n_filters=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("init seed 0, hfm_layer_scale None: ratio ") and float(lines[0].split()[-1]) > 0.1
+    assert lines[1] == "init seed 0, hfm_layer_scale 0.0: ratio 0.000"
+    assert "|gamma| mean 0.500 max 0.500" in lines[2]
+    # the ratio it prints is the one of the module's own output
+    batch = magnitude._patches(str(root), 2)
+    half = magnitude.ratio(net, batch, train=False)
+    with torch.no_grad():
+        net.hfm["5"].scale.gamma.fill_(1.0)
+    assert magnitude.ratio(net, batch, train=False) == pytest.approx(2 * half, rel=1e-4)
+    assert f"ratio {half:.3f}" in lines[2]

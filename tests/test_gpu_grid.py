@@ -73,3 +73,24 @@ def test_pool_starts_nothing_that_cannot_end_in_time(tmp_path, stand_in_jobs):
         "sup/l4_s1": "not started: no time left",
         "full/l4_s1": "not started: no time left",
     }
+
+
+def test_packed_half_resolution_la_is_unpacked_where_the_protocol_reads(tmp_path):
+    import h5py
+    import numpy as np
+    import pack_la
+
+    from diffcl_algo.data.synthetic import make_synthetic_dataset
+
+    assert gpu_grid.protocol_dataset_dir() == REPO / "data/LA_half"  # cpu.yaml's dataset_dir
+    # synthetic cases have more than 256 distinct values, as the resampled half-resolution ones do
+    src = make_synthetic_dataset(tmp_path / "half", num_cases=4, shape=(24, 20, 16), seed=4, num_test=1)
+    pack_la.pack(str(src), str(tmp_path / "half.npz"))
+    with open(tmp_path / "progress.log", "w") as log:
+        gpu_grid.unpack_dataset(tmp_path / "half.npz", tmp_path / "out", Clock(log))
+    assert "unpacked 3 cases into" in (tmp_path / "progress.log").read_text()
+    assert (tmp_path / "out/train.list").read_text().split() == (src / "train.list").read_text().split()
+    for case in (src / "train.list").read_text().split():
+        layout = Path("2018LA_Seg_Training Set") / case / "mri_norm2.h5"
+        with h5py.File(src / layout) as a, h5py.File(tmp_path / "out" / layout) as b:
+            assert np.array_equal(a["image"][:], b["image"][:]) and np.array_equal(a["label"][:], b["label"][:])
