@@ -149,6 +149,8 @@ class GaussianDiffusion:
         sqrt(1 - abar_t)`` (eq. 3 solved for eps) and, with ``s = tau_{i-1}``,
         ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)``,
         ``Y_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z`` (eq. 2 for ``eta = 0``).
+        A self-conditioned model (its ``self_condition`` attribute, or its DDP ``module``'s, is True) also gets
+        ``self_cond=`` the previous step's ``x0_hat`` (zeros at the first step; Chen et al., "Analog Bits").
         The model's train/eval mode is left as the caller set it; gradients are disabled.
 
         Args:
@@ -170,9 +172,12 @@ class GaussianDiffusion:
         taus = torch.linspace(0, self.timesteps, steps + 1, dtype=torch.float64).round().long().tolist()
         batch = x.shape[0]
         y = _randn((batch, num_classes, *x.shape[2:]), x, generator)
+        self_conditioned = bool(getattr(getattr(model, "module", model), "self_condition", False))
+        x0_hat = torch.zeros_like(y)
         for t, s in zip(reversed(taus[1:]), reversed(taus[:-1])):
             t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-            probs = torch.softmax(model(x, y, t_batch), dim=1)
+            logits = model(x, y, t_batch, self_cond=x0_hat) if self_conditioned else model(x, y, t_batch)
+            probs = torch.softmax(logits, dim=1)
             x0_hat = self.encode(probs)
             abar_t = float(self.alphas_cumprod[t])
             abar_s = float(self.alphas_cumprod[s])

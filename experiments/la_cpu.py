@@ -50,7 +50,7 @@ ROWS = {
 }
 #: Network / data ids that evaluation must share with training.
 SHARED_IDS = ("use_hfm", "hfm_stages", "hfm_layer_scale", "residual", "normalize_intensity", "n_filters", "norm",
-              "dataset_dir", "report_fold", "label_signal", "label_scale")  # fmt: skip
+              "dataset_dir", "report_fold", "label_signal", "label_scale", "ds_self_condition")  # fmt: skip
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
 

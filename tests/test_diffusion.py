@@ -160,3 +160,22 @@ def test_diffusion_segmenter_is_deterministic_log_probabilities() -> None:
         first, second = segmenter(x), segmenter(x)
     assert first.shape == (1, 2, 16, 16, 16) and torch.equal(first, second)  # the same Y_T every call
     assert torch.allclose(first.exp().sum(1), torch.ones(1, 16, 16, 16), atol=1e-5)
+
+
+def test_ddim_feeds_a_self_conditioned_model_its_previous_estimate() -> None:
+    """Analog Bits' sampling: zeros at the first step, then the previous step's clean-signal estimate."""
+    diffusion = GaussianDiffusion(100, label_signal="symmetric")
+    received: list[torch.Tensor] = []
+    logits = [torch.randn(1, 2, 4, 4) for _ in range(3)]
+
+    class SelfConditioned(torch.nn.Module):
+        self_condition = True
+
+        def forward(self, x, y_t, t, self_cond=None):
+            received.append(self_cond.clone())
+            return logits[len(received) - 1]
+
+    diffusion.ddim_sample(SelfConditioned(), torch.zeros(1, 1, 4, 4), num_classes=2, steps=3)
+    assert len(received) == 3 and torch.equal(received[0], torch.zeros(1, 2, 4, 4))
+    for step in (1, 2):
+        torch.testing.assert_close(received[step], diffusion.encode(torch.softmax(logits[step - 1], 1)))

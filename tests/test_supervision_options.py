@@ -320,3 +320,38 @@ def test_hfm_layer_scale_reaches_the_cs_from_the_bundle_config(tmp_path):
     assert torch.equal(scaled.hfm["5"].scale.gamma, torch.zeros(16 * 8))  # cpu.yaml: n_filters 8
     paper = _parser(files, dataset_dir=str(root), check_data=False).get_parsed_content("network_def")
     assert isinstance(paper.hfm["5"].scale, torch.nn.Identity)
+
+
+def test_ds_self_condition_feeds_the_ds_its_first_estimate(data_dir, tmp_path, monkeypatch):
+    """ds_self_condition: every DS forward gets ``self_cond``; on some iterations it is the DS's own no-gradient first
+    estimate from the same Y_t and t (an extra forward with zeros), on the others zeros."""
+    from diffcl_algo.networks import DiffusionSegNet
+
+    calls = []
+    original = DiffusionSegNet.forward
+
+    def recording(self, x, y_t, t, return_features=False, self_cond=None):
+        calls.append((t.clone(), self_cond, torch.is_grad_enabled()))
+        return original(self, x, y_t, t, return_features, self_cond)
+
+    monkeypatch.setattr(DiffusionSegNet, "forward", recording)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=6, output_dir=str(tmp_path), use_hfm=False,
+                            use_cl=False, ds_self_condition=True, **dict(SMALL_TRAIN, val_interval=0))
+    assert trainer.ds_self_condition and first_conv(trainer.ds_network).in_channels == 1 + 2 + 2
+    trainer.run()
+    trainer.close()
+    assert all(cond is not None for _, cond, _ in calls)
+    trained = [k for k, (_, _, grad) in enumerate(calls) if grad]
+    estimates = [k for k, (_, _, grad) in enumerate(calls) if not grad]
+    assert len(trained) == 6 and 0 < len(estimates) < 6  # a first estimate on some iterations only
+    for k in estimates:  # the estimate pass: zeros, then the training pass gets its encoded softmax
+        t_first, zeros, _ = calls[k]
+        t_train, cond, _ = calls[k + 1]
+        assert torch.equal(zeros, torch.zeros_like(zeros)) and torch.equal(t_first, t_train)
+        assert cond.min() >= 0 and torch.allclose(cond.sum(1), torch.ones_like(cond[:, 0]))  # probabilities
+    for k in set(trained) - {k + 1 for k in estimates}:
+        assert not calls[k][1].any()
+
+
+def first_conv(network: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))

@@ -103,7 +103,10 @@ class DiffCLTrainer(Trainer):
             at the resumed iteration. Each batch's ``"iteration"`` must equal the engine's iteration.
         epoch_length: iterations per epoch (``schedules.epoch_length``: one pass over the unlabeled cases).
         cs_network: CS net, ``cs_network(x, return_features=True) -> (logits, features)`` (``VNet``).
-        ds_network: DS net, ``ds_network(x, y_t, t, return_features=True) -> (logits, features)``.
+        ds_network: DS net, ``ds_network(x, y_t, t, return_features=True) -> (logits, features)``. Built with
+            ``self_condition=True`` (``DiffusionSegNet``), every forward also gets ``self_cond``: on a random half of
+            the iterations the DS's own no-gradient first estimate from the same ``Y_t``, otherwise zeros
+            (Analog Bits' training; :meth:`_self_cond`).
         cs_optimizer: optimizer of the CS network (and CS projection head).
         ds_optimizer: optimizer of the DS network (and DS projection head).
         num_classes: classes incl. background.
@@ -226,6 +229,7 @@ class DiffCLTrainer(Trainer):
         if not 0.0 <= float(ds_recycling) <= 1.0:
             raise ValueError(f"ds_recycling must be in [0, 1] (a probability per iteration), got {ds_recycling}.")
         self.ds_recycling = float(ds_recycling)
+        self.ds_self_condition = bool(getattr(unwrap(ds_network), "self_condition", False))
         if not 0.0 <= float(cps_confidence) < 1.0:
             raise ValueError(f"cps_confidence must be in [0, 1), got {cps_confidence}.")
         self.cps_confidence = float(cps_confidence)
@@ -383,7 +387,8 @@ class DiffCLTrainer(Trainer):
                         if float(torch.rand((), generator=gen, device=device)) < self.ds_recycling:
                             y0 = self._recycled(x_ds, gen)
                     y_t = self.diffusion.q_sample(y0, t, noise)  # eq. 5, line 6
-                ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True)  # line 7
+                    ds_extra = {"self_cond": self._self_cond(x_ds, y_t, t, gen)} if self.ds_self_condition else {}
+                ds_logits, ds_feat = self.ds_network(x_ds, y_t, t, return_features=True, **ds_extra)  # line 7
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         zero = cs_logits.new_zeros((), dtype=torch.float32)
@@ -480,6 +485,14 @@ class DiffCLTrainer(Trainer):
         t = torch.full((x.shape[0],), self.diffusion.timesteps, dtype=torch.long, device=x.device)
         y_T = torch.randn((x.shape[0], self.num_classes, *x.shape[2:]), generator=gen, device=x.device)
         return self.diffusion.encode(self.ds_network(x, y_T, t).float().softmax(1))
+
+    def _self_cond(self, x: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The self-conditioning input of a self-conditioned DS (B, C, *S): with probability 1/2 its own first
+        estimate of the clean signal from the same ``Y_t`` (no gradient), otherwise zeros, as Analog Bits trains it
+        (Chen et al., ICLR 2023), so that it serves both the first DDIM step (zeros) and the later ones."""
+        if float(torch.rand((), generator=gen, device=x.device)) < 0.5:
+            return self.diffusion.encode(self.ds_network(x, y_t, t, self_cond=torch.zeros_like(y_t)).float().softmax(1))
+        return torch.zeros_like(y_t)
 
     def _ds_pseudo_probs(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Class probabilities (b_u, C, *S) behind ``Y~u``: this step's DS output, or (``ds_pseudo_steps > 0``) DDIM.
