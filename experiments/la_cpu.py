@@ -81,10 +81,14 @@ def _bundle(workflow: str, configs: list[str], overrides: dict[str, str], log: P
 
 
 def _last_weights(run_dir: Path, network: str = "cs_network") -> Path:
-    """``model_last.pt`` (``model_ds_last.pt``): the CS (DS) weights of the final ``train_state.pt``."""
+    """``model_last.pt`` (``model_ds_last.pt``): the CS (DS) weights of the final ``train_state.pt``; with
+    ``ema_decay`` the CS is its average, the network that validation scores and ``model.pt`` holds."""
     state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
     path = run_dir / ("model_last.pt" if network == "cs_network" else "model_ds_last.pt")
-    torch.save(state[network], path)
+    weights = state[network]
+    if network == "cs_network" and state.get("cs_ema"):
+        weights = {k.removeprefix("module."): v for k, v in state["cs_ema"].items() if k.startswith("module.")}
+    torch.save(weights, path)
     return path
 
 

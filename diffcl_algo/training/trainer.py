@@ -20,6 +20,7 @@ from ignite.engine import Engine
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from diffcl_algo.contrastive import ContrastiveLabelPropagation
 from diffcl_algo.data.iteration import IterationSampler
@@ -141,6 +142,13 @@ class DiffCLTrainer(Trainer):
             Both networks see the mixed images; the pasted labeled voxels are supervised by their ground truth (added
             to eq. 18-19 with a mask) and as the known part of ``Y_0``, the cross pseudo-supervision covers the rest.
             Needs ``use_cps``.
+        cs_ema: None (the paper) or an exponential moving average of the CS weights
+            (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True``;
+            not in the paper), updated from the CS after each optimizer step. The bundle (``ema_decay``) validates it
+            and saves it as ``model.pt``; it is stored in ``train_state.pt``.
+        ema_pseudo_labels: False: the CS pseudo-labels ``Y^u`` (DS target of eq. 6 and the signal of ``Y_0``) are the
+            argmax of this iteration's CS output; True (needs ``cs_ema``): of the EMA CS in eval mode, no gradient
+            (the mean teacher of UA-MT / BCP; not in the paper).
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
         seed: base seed of every random choice.
@@ -178,6 +186,8 @@ class DiffCLTrainer(Trainer):
         ds_recycling: float = 0.0,
         cps_confidence: float = 0.0,
         copy_paste: float = 0.0,
+        cs_ema: Optional[AveragedModel] = None,
+        ema_pseudo_labels: bool = False,
         poly_lr_power: Optional[float] = None,
         seed: int = 0,
         amp: bool = False,
@@ -238,6 +248,10 @@ class DiffCLTrainer(Trainer):
                              f"{copy_paste}.")
         if float(copy_paste) > 0 and not use_cps:
             raise ValueError("copy_paste needs use_cps: without cross pseudo-supervision no unlabeled image is used.")
+        if ema_pseudo_labels and cs_ema is None:
+            raise ValueError("ema_pseudo_labels needs an EMA of the CS: set ema_decay in (0, 1).")
+        self.cs_ema = cs_ema
+        self.ema_pseudo_labels = bool(ema_pseudo_labels)
         self.copy_paste = float(copy_paste)
         self.unlabeled_t_low = max(1, math.ceil(float(unlabeled_t_min) * self.diffusion.timesteps))
         self.poly_lr_power = poly_lr_power
@@ -300,6 +314,7 @@ class DiffCLTrainer(Trainer):
             "cs_network": sd(self.cs_network),
             "ds_network": sd(self.ds_network),
             **{name: sd(module) for name, module in self._contrastive_parts().items()},
+            "cs_ema": None if self.cs_ema is None else self.cs_ema.state_dict(),  # its module's weights, n_averaged
             "cs_optimizer": self.cs_optimizer.state_dict(),
             "ds_optimizer": self.ds_optimizer.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -320,6 +335,10 @@ class DiffCLTrainer(Trainer):
         for name, module in modules.items():
             if module is not None and state.get(name) is not None:
                 unwrap(module).load_state_dict(state[name])
+        if self.cs_ema is not None:
+            if state.get("cs_ema") is None:
+                raise ValueError("Cannot resume with ema_decay: the train state holds no EMA of the CS weights.")
+            self.cs_ema.load_state_dict(state["cs_ema"])
         self.cs_optimizer.load_state_dict(state["cs_optimizer"])
         self.ds_optimizer.load_state_dict(state["ds_optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -373,7 +392,8 @@ class DiffCLTrainer(Trainer):
             cs_logits, cs_feat = self.cs_network(x_cs, return_features=True)  # Alg. 1 line 4
             if use_ds:
                 with torch.no_grad():
-                    pseudo_cs = class_argmax(cs_logits[nl : x_ds.shape[0]])  # Y^u, line 5
+                    probs_cs = self._cs_pseudo_probs(x_ds[nl:], cs_logits[nl : x_ds.shape[0]])
+                    pseudo_cs = class_argmax(probs_cs)  # Y^u, line 5
                     if pasted is not None:  # the pasted labeled voxels are known
                         pseudo_cs = torch.where(pasted, y_pasted, pseudo_cs)
                     one_hot = F.one_hot(torch.cat([y, pseudo_cs])[:, 0], self.num_classes).movedim(-1, 1).float()
@@ -401,7 +421,7 @@ class DiffCLTrainer(Trainer):
         if self.use_cps:
             probs_ds = self._ds_pseudo_probs(x[nl:], ds_logits[nl:], gen)
             pseudo_ds = class_argmax(probs_ds)  # Y~u
-            mask_cs, mask_ds = self._confident(probs_ds), self._confident(cs_logits[nl:].detach().softmax(1))
+            mask_cs, mask_ds = self._confident(probs_ds), self._confident(probs_cs)
             if pasted is not None:  # cross pseudo-supervision on the unlabeled voxels only
                 mask_cs, mask_ds = (~pasted if m is None else m & ~pasted for m in (mask_cs, mask_ds))
             loss_cps_cs = self.dice_ce(cs_logits[nl:], pseudo_ds, hp.lambda2, mask=mask_cs)  # eq. 7 (line 10)
@@ -430,6 +450,8 @@ class DiffCLTrainer(Trainer):
             self.cs_optimizer.step()  # line 14
             if use_ds:
                 self.ds_optimizer.step()  # line 15
+        if self.cs_ema is not None:
+            self.cs_ema.update_parameters(unwrap(self.cs_network))
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         values = (loss_sup_cs, loss_sup_ds, loss_cps_cs, loss_cps_ds, loss_cl, ramp, loss_cs, loss_ds, loss)
@@ -493,6 +515,17 @@ class DiffCLTrainer(Trainer):
         if float(torch.rand((), generator=gen, device=x.device)) < 0.5:
             return self.diffusion.encode(self.ds_network(x, y_t, t, self_cond=torch.zeros_like(y_t)).float().softmax(1))
         return torch.zeros_like(y_t)
+
+    def _cs_pseudo_probs(self, x_u: torch.Tensor, cs_logits_u: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (b_u, C, *S) behind ``Y^u``: this step's CS output, or (``ema_pseudo_labels``) the
+        EMA CS's in eval mode (a mean teacher: its pseudo-labels change slowly, so a bad step of the CS does not at
+        once become the DS's target); no gradient."""
+        if not self.ema_pseudo_labels or x_u.shape[0] == 0:
+            return cs_logits_u.detach().float().softmax(1)
+        teacher = self.cs_ema.module
+        teacher.eval()
+        with torch.no_grad(), self._autocast():
+            return teacher(x_u).float().softmax(1)
 
     def _ds_pseudo_probs(self, x_u: torch.Tensor, ds_logits_u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Class probabilities (b_u, C, *S) behind ``Y~u``: this step's DS output, or (``ds_pseudo_steps > 0``) DDIM.

@@ -1,0 +1,116 @@
+"""The exponential moving average of the CS weights (``ema_decay``) and its mean-teacher pseudo-labels
+(``ema_pseudo_labels``): the average itself, what validation and ``model.pt`` use, the pseudo-labels' source, exact
+resume, and the refused settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from tiny_settings import SMALL_TRAIN
+
+from diffcl_algo.bundle.run import build_trainer
+from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.networks import VNet
+from diffcl_algo.training.ema import weight_ema
+
+SMALL = dict(SMALL_TRAIN, val_interval=0, use_hfm=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return str(make_synthetic_dataset(root / "la", num_cases=6, shape=(36, 34, 20), seed=0, num_test=2))
+
+
+def test_weight_ema_averages_parameters_and_batch_norm_statistics():
+    net = VNet(spatial_dims=3, in_channels=1, out_channels=2, n_filters=2)
+    assert weight_ema(net, 0.0) is None
+    ema = weight_ema(net, 0.9)
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            for t in (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())):
+                t.fill_(value)
+        ema.update_parameters(net)
+    expected = 0.9 * (0.9 * 1.0 + 0.1 * 2.0) + 0.1 * 4.0  # the first update copies, the next ones average
+    for t in (*ema.module.parameters(), ema.module.block_one.conv[1].running_mean):
+        assert torch.allclose(t, torch.full_like(t, expected)), t.shape
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            weight_ema(net, bad)
+
+
+def test_validation_and_model_pt_use_the_average(data_dir, tmp_path):
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=3, output_dir=str(tmp_path), ema_decay=0.5,
+                            **dict(SMALL, val_interval=3))  # fmt: skip
+    evaluator = next(h for h in trainer.train_handlers if hasattr(h, "validator")).validator
+    assert evaluator.network is trainer.cs_ema.module
+    trainer.run()
+    trainer.close()
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert int(state["cs_ema"]["n_averaged"]) == 3
+    average = {k.removeprefix("module."): v for k, v in state["cs_ema"].items() if k.startswith("module.")}
+    assert saved.keys() == state["cs_network"].keys() == average.keys()
+    assert all(torch.equal(saved[k], average[k]) for k in saved)
+    assert any(not torch.equal(saved[k], state["cs_network"][k]) for k in saved)
+
+
+def _ds_targets(monkeypatch) -> list[torch.Tensor]:
+    """The targets of eq. 6 (the DS's cross pseudo-supervision: the CS pseudo-labels) of every iteration."""
+    from diffcl_algo.losses import DiceCELoss as Loss
+
+    targets = []
+    original = Loss.forward
+
+    def recording(self, logits, target, ce_weight, dice_weight=1.0, mask=None):
+        targets.append(target.clone())
+        return original(self, logits, target, ce_weight, dice_weight, mask)
+
+    monkeypatch.setattr(Loss, "forward", recording)
+    return targets
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_pseudo_labels_come_from_the_mean_teacher_only_when_asked(data_dir, tmp_path, monkeypatch, teacher):
+    targets = _ds_targets(monkeypatch)
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), use_cl=False,
+                            ema_decay=0.99, ema_pseudo_labels=teacher, **SMALL)  # fmt: skip
+    with torch.no_grad():  # a teacher that calls every voxel foreground, unlike the CS
+        trainer.cs_ema.module.out_conv.weight.zero_()
+        trainer.cs_ema.module.out_conv.bias.copy_(torch.tensor([-5.0, 5.0]))
+    trainer.run()
+    trainer.close()
+    pseudo_cs = targets[3]  # eq. 19, 18, 7, 6 in the engine's order
+    assert bool((pseudo_cs == 1).all()) == teacher
+
+
+def test_resume_with_the_average_is_exact(data_dir, tmp_path):
+    n = 4
+    common = dict(SMALL, max_iterations=n, ckpt_interval=n // 2, ema_decay=0.9, ema_pseudo_labels=True, seed=2)
+    straight = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "straight"), **common)
+    straight.run()
+    straight.close()
+    first = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "resumed"), **common)
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=n // 2), lambda e: e.terminate())  # "crash"
+    first.run()
+    first.close()
+    second = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "resumed"), resume=True, **common)
+    second.run()
+    second.close()
+    assert second.state.output == straight.state.output
+    a, b = straight.cs_ema.state_dict(), second.cs_ema.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refused_settings_name_the_option(data_dir, tmp_path):
+    with pytest.raises(Exception, match="ema_pseudo_labels needs an EMA"):
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_pseudo_labels=True,
+                      **SMALL)  # fmt: skip
+    with pytest.raises(Exception, match="ema_decay must be in"):
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_decay=1.5, **SMALL)
+    state = {"cs_ema": None}
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_decay=0.9, **SMALL)
+    state.update({k: v for k, v in trainer.train_state().items() if k != "cs_ema"})
+    with pytest.raises(ValueError, match="holds no EMA"):
+        trainer.load_train_state(state)
