@@ -104,6 +104,8 @@ def _full_state(trainer):
     flat = {}
     for key in ("cs_network", "ds_network", "cs_head", "ds_head", "memory_bank"):
         flat.update({f"{key}.{k}": v for k, v in state[key].items()})
+    if state["cs_ema"] is not None:
+        flat.update({f"cs_ema.{k}": v for k, v in state["cs_ema"].items()})
     for key in ("cs_optimizer", "ds_optimizer"):
         for pid, s in state[key]["state"].items():
             flat[f"{key}.{pid}"] = s["momentum_buffer"]
@@ -112,9 +114,10 @@ def _full_state(trainer):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(data_dir, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"ema_decay": 0.9, "ema_pseudo_labels": True}], ids=["cs", "weight_ema"])
+def test_resume_is_exact(data_dir, tmp_path, options):
     n = 4
-    common = dict(SMALL, max_iterations=n, poly_lr_power=0.9, ckpt_interval=n // 2, seed=3)
+    common = dict(SMALL, max_iterations=n, poly_lr_power=0.9, ckpt_interval=n // 2, seed=3, **options)
     straight = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "straight"), num_workers=2, **common)
     straight.run()
     straight.close()

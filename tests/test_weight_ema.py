@@ -1,12 +1,11 @@
 """The exponential moving average of the CS weights (``ema_decay``) and its mean-teacher pseudo-labels
-(``ema_pseudo_labels``): the average itself, what validation and ``model.pt`` use, the pseudo-labels' source, exact
-resume, and the refused settings."""
+(``ema_pseudo_labels``): the average itself, what validation and ``model.pt`` use, the pseudo-labels' source and the
+refused settings (exact resume with them: ``test_engine.test_resume_is_exact``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Events
 from tiny_settings import SMALL_TRAIN
 
 from diffcl_algo.bundle.run import build_trainer
@@ -83,24 +82,6 @@ def test_pseudo_labels_come_from_the_mean_teacher_only_when_asked(data_dir, tmp_
     trainer.close()
     pseudo_cs = targets[3]  # eq. 19, 18, 7, 6 in the engine's order
     assert bool((pseudo_cs == 1).all()) == teacher
-
-
-def test_resume_with_the_average_is_exact(data_dir, tmp_path):
-    n = 4
-    common = dict(SMALL, max_iterations=n, ckpt_interval=n // 2, ema_decay=0.9, ema_pseudo_labels=True, seed=2)
-    straight = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "straight"), **common)
-    straight.run()
-    straight.close()
-    first = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "resumed"), **common)
-    first.add_event_handler(Events.ITERATION_COMPLETED(once=n // 2), lambda e: e.terminate())  # "crash"
-    first.run()
-    first.close()
-    second = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path / "resumed"), resume=True, **common)
-    second.run()
-    second.close()
-    assert second.state.output == straight.state.output
-    a, b = straight.cs_ema.state_dict(), second.cs_ema.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_refused_settings_name_the_option(data_dir, tmp_path):
