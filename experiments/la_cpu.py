@@ -34,6 +34,8 @@ import fire
 import numpy as np
 import torch
 
+from diffcl_algo.training.checkpoint import validated_cs_weights
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
@@ -85,10 +87,7 @@ def _last_weights(run_dir: Path, network: str = "cs_network") -> Path:
     ``ema_decay`` the CS is its average, the network that validation scores and ``model.pt`` holds."""
     state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
     path = run_dir / ("model_last.pt" if network == "cs_network" else "model_ds_last.pt")
-    weights = state[network]
-    if network == "cs_network" and state.get("cs_ema"):
-        weights = {k.removeprefix("module."): v for k, v in state["cs_ema"].items() if k.startswith("module.")}
-    torch.save(weights, path)
+    torch.save(validated_cs_weights(state) if network == "cs_network" else state[network], path)
     return path
 
 

@@ -15,7 +15,7 @@ from tiny_settings import TINY_TRAIN, handler_of
 
 from diffcl_algo.bundle.run import build_trainer
 from diffcl_algo.data import make_synthetic_dataset
-from diffcl_algo.training.checkpoint import ModelSaver, load_train_state
+from diffcl_algo.training.checkpoint import ModelSaver, load_train_state, validated_cs_weights
 from diffcl_algo.training.handlers import GuardedValidationHandler
 
 TINY = dict(TINY_TRAIN, max_iterations=6, val_interval=2, ckpt_interval=2)
@@ -85,8 +85,10 @@ def test_raise_stops_training_and_keeps_the_best_model(data_dir, tmp_path):
     best = torch.load(out / "model.pt", weights_only=True)
     state = load_train_state(out / "train_state.pt")  # the last periodic save, before the failed round
     assert (state["iteration"], state["best_iteration"]) == (2, 2)
+    validated = validated_cs_weights(state)  # the CS (or its average) that the rounds scored
+    assert best.keys() == validated.keys()
     for key, value in best.items():  # model.pt is still the model of the best round (iteration 2)
-        assert torch.equal(value, state["cs_network"][key])
+        assert torch.equal(value, validated[key])
 
 
 def test_corrupt_validation_file_found_during_training(data_dir, tmp_path, caplog):

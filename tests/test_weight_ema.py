@@ -11,6 +11,7 @@ from tiny_settings import SMALL_TRAIN
 from diffcl_algo.bundle.run import build_trainer
 from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.networks import VNet
+from diffcl_algo.training.checkpoint import validated_cs_weights
 from diffcl_algo.training.ema import weight_ema
 
 SMALL = dict(SMALL_TRAIN, val_interval=0, use_hfm=False)
@@ -95,3 +96,16 @@ def test_refused_settings_name_the_option(data_dir, tmp_path):
     state.update({k: v for k, v in trainer.train_state().items() if k != "cs_ema"})
     with pytest.raises(ValueError, match="holds no EMA"):
         trainer.load_train_state(state)
+
+
+def test_validated_cs_weights_are_the_average_when_kept():
+    net = VNet(spatial_dims=3, in_channels=1, out_channels=2, n_filters=2)
+    ema = weight_ema(net, 0.9)
+    ema.update_parameters(net)
+    with torch.no_grad():
+        ema.module.out_conv.bias.fill_(7.0)
+    plain = {"cs_network": net.state_dict(), "cs_ema": None}
+    assert validated_cs_weights(plain) is plain["cs_network"]
+    averaged = validated_cs_weights({"cs_network": net.state_dict(), "cs_ema": ema.state_dict()})
+    assert averaged.keys() == net.state_dict().keys()  # no n_averaged, no "module." prefix
+    assert torch.equal(averaged["out_conv.bias"], torch.full((2,), 7.0))

@@ -34,6 +34,7 @@ __all__ = [
     "load_train_state",
     "require_checkpoint",
     "unwrap",
+    "validated_cs_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,15 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"Cannot resume: train state file {str(path)!r} lacks {missing}.")
     return state
+
+
+def validated_cs_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The CS weights that validation scores and ``model.pt`` holds, from a ``train_state.pt`` dict: the average of
+    the CS weights (``cs_ema``, an ``AveragedModel`` state dict whose ``module.`` entries are the network's) when the
+    run kept one (``ema_decay`` > 0), else ``cs_network``."""
+    if not state.get("cs_ema"):
+        return state["cs_network"]
+    return {k.removeprefix("module."): v for k, v in state["cs_ema"].items() if k.startswith("module.")}
 
 
 class ModelSaver:
