@@ -1,7 +1,7 @@
 """End-to-end demo on synthetic data: Diff-CL vs. a supervised-only baseline, trained and evaluated with the bundles.
 
-``python -m diffcl_algo demo [--output_dir demo_output] [--seed 0] [--iterations 300] [--quick]`` (or
-:func:`demo`) needs no data and no GPU:
+``python -m diffcl_algo demo [--output_dir demo_output] [--seed 0] [--iterations 300] [--quick] [--options
+"{'ema_decay': 0.99}"]`` (or :func:`demo`) needs no data and no GPU:
 
 1. writes a small deterministic synthetic dataset in the LA layout (:func:`diffcl_algo.data.make_synthetic_dataset`:
    ``train.list`` = labeled + unlabeled + 2 validation cases, ``test.list`` = held-out test cases);
@@ -55,6 +55,7 @@ def demo(
     n_filters: int = 8,
     device: str = "cpu",
     num_threads: Optional[int] = 1,
+    options: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Train and evaluate Diff-CL and the supervised-only baseline on synthetic data, then write a report.
 
@@ -71,6 +72,9 @@ def demo(
         num_threads: torch intra-op CPU threads during the demo (restored afterwards; None: unchanged). 1 by
             default: networks this small gain little from more threads, and when other processes share the cores,
             multi-threaded runs slow down by an order of magnitude (measured: 1.8 s -> 35 s per epoch).
+        options: bundle ids set for both models' training and evaluation, to try an option on the demo (e.g.
+            ``{"ema_decay": 0.99}``; on the command line ``--options "{'ema_decay': 0.99}"``). The ablation switches
+            are the demo's own and are refused.
 
     Returns:
         ``{"output_dir", "report": report(...) result, "models": {name: {"dice", "jaccard", "hd95", "asd", "train_s",
@@ -81,7 +85,7 @@ def demo(
         torch.set_num_threads(int(num_threads))
     try:
         return _demo(output_dir, seed, iterations, quick, num_labeled, num_unlabeled, num_test, shape, patch_size,
-                     n_filters, device)  # fmt: skip
+                     n_filters, device, dict(options or {}))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
@@ -98,7 +102,11 @@ def _demo(
     patch_size: Sequence[int],
     n_filters: int,
     device: str,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
+    switches = sorted(set(options) & {"use_cps", "use_hfm", "use_cl"})
+    if switches:
+        raise ValueError(f"demo options {switches}: the demo sets the ablation switches itself (Diff-CL vs supervised)")
     start = time.time()
     if quick:
         iterations, shape, patch_size, n_filters = 10, (32, 32, 16), (32, 32, 16), 4
@@ -121,6 +129,7 @@ def _demo(
         "device": device,
         "use_hfm": True,
         "seed": seed,
+        **options,
     }
     train = {
         **common,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from diffcl_algo.demo import MODELS, demo
 
 
@@ -22,3 +25,13 @@ def test_demo_quick_writes_report(tmp_path, monkeypatch):
     assert all(name in table for name in MODELS)
     saved = json.loads((out / "demo_summary.json").read_text())
     assert 0.0 <= saved["models"]["Diff-CL"]["dice"] <= 1.0
+
+
+def test_demo_options_reach_both_trainings_and_switches_are_refused(tmp_path):
+    demo(output_dir=str(tmp_path / "out"), quick=True, options={"ema_decay": 0.9})
+    for folder, _ in MODELS.values():
+        state = torch.load(tmp_path / "out" / folder / "train_state.pt", map_location="cpu", weights_only=True)
+        assert state["cs_ema"] is not None, folder
+    with pytest.raises(ValueError, match=r"demo options \['use_cps'\]"):
+        demo(output_dir=str(tmp_path / "refused"), quick=True, options={"use_cps": False})
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
