@@ -11,6 +11,7 @@ workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mea
     python experiments/la_cpu.py monitor --rows "full cps" --num_labeled 8 --seed 0
     python experiments/la_cpu.py run full --num_labeled 4 --seed 1 --fold 2      # report on the 3rd block from the end
     python experiments/la_cpu.py compare full sup --num_labeled 4               # paired, over every seed and fold
+    python experiments/la_cpu.py average full_ema --num_labeled 4 --seed 0     # an ema_decay run's student, too
 
 Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``) and the Table 6 rows
 ``sup``, ``cps``, ``cps_hfm``, ``full`` of the bundle; ``--set`` adds bundle overrides (``id=value`` pairs) and
@@ -54,6 +55,8 @@ ROWS = {
 SHARED_IDS = ("use_hfm", "hfm_stages", "hfm_layer_scale", "residual", "normalize_intensity", "n_filters", "norm",
               "dataset_dir", "report_fold", "label_signal", "label_scale", "ds_self_condition")  # fmt: skip
 METRICS = ("dice", "jaccard", "hd95", "asd")
+#: What ``average`` scores besides ``last``: the student's own weights, the average with the student's BN statistics.
+AVERAGE_KINDS = ("student", "average_student_bn")
 
 
 def _parse_set(pairs: str) -> dict[str, str]:
@@ -105,6 +108,16 @@ def run_folder(num_labeled: int, seed: int, fold: int = 0) -> str:
     return f"l{num_labeled}_s{seed}" + (f"_f{fold}" if fold else "")
 
 
+def _common(num_labeled: int, seed: int, fold: int, extra: dict[str, str]) -> dict[str, Any]:
+    """The overrides of a run: its budget of labels, seed, report fold and ``--set`` pairs."""
+    return {"num_labeled": num_labeled, "seed": seed, **({"report_fold": fold} if fold else {}), **extra}
+
+
+def _shared(row: str, common: dict[str, Any]) -> dict[str, Any]:
+    """The overrides of a run that its evaluation must share (``SHARED_IDS``)."""
+    return {k: v for k, v in {**ROWS.get(row, {}), **common}.items() if k in SHARED_IDS}
+
+
 def run(
     row: str,
     num_labeled: int = 8,
@@ -120,7 +133,7 @@ def run(
     extra = _parse_set(set)
     run_dir = REPO / root / (name or row) / run_folder(num_labeled, seed, fold)
     run_dir.mkdir(parents=True, exist_ok=True)
-    common = {"num_labeled": num_labeled, "seed": seed, **({"report_fold": fold} if fold else {}), **extra}
+    common = _common(num_labeled, seed, fold, extra)
     weights = {}
     if row == "reference":
         weights["last"] = Path(train_reference(TRAIN, str(run_dir), overrides=common))
@@ -133,7 +146,7 @@ def run(
         shared = {}
     else:
         raise ValueError(f"unknown row {row!r}; known: reference, {', '.join(ROWS)}")
-    shared = {**{k: v for k, v in {**ROWS.get(row, {}), **common}.items() if k in SHARED_IDS}, **shared}
+    shared = {**_shared(row, common), **shared}
     summary = {"row": row, "name": name or row, "num_labeled": num_labeled, "seed": seed, "fold": fold,
                "overrides": extra}  # fmt: skip
     for kind, path in weights.items():
@@ -150,6 +163,32 @@ def run(
     print(json.dumps({k: summary[k]["mean"] for k in weights}, indent=1))
 
 
+def _is_bn_statistic(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+
+
+def average(name: str, num_labeled: int = 8, seed: int = 0, fold: int = 0, root: str = "runs/cpu") -> dict:
+    """Score a run trained with ``ema_decay`` two more ways on its report split and add them to its ``summary.json``:
+    ``student`` (the CS's own last weights; ``last`` scores their average) and ``average_student_bn`` (the average's
+    weights with the student's batch-norm statistics). Returns the mean Dice of ``last`` and of both."""
+    run_dir = REPO / root / name / run_folder(num_labeled, seed, fold)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    if not state.get("cs_ema"):
+        raise ValueError(f"{run_dir / 'train_state.pt'} holds no average of the CS weights (trained without ema_decay)")
+    student, avg = state["cs_network"], validated_cs_weights(state)
+    kinds = dict(zip(AVERAGE_KINDS, (student, {k: (student if _is_bn_statistic(k) else avg)[k] for k in avg})))
+    common = _common(num_labeled, seed, fold, summary["overrides"])
+    for kind, weights in kinds.items():
+        path, eval_dir = run_dir / f"model_{kind}.pt", run_dir / f"eval_{kind}"
+        torch.save(weights, path)
+        _bundle("evaluating", EVALUATE, {**_shared(summary["row"], common), "ckpt_path": str(path),
+                                         "output_dir": str(eval_dir)}, run_dir / f"eval_{kind}.out")  # fmt: skip
+        summary[kind] = _scores(eval_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {kind: round(summary[kind]["mean"]["dice"], 4) for kind in ("last", *kinds)}
+
+
 def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
     """Markdown table of the named result folders: mean +- sample std over seeds and the per-seed values (a seed's
     value: the mean over its report cases, every fold it ran pooled)."""
@@ -158,7 +197,7 @@ def table(rows: str = "", root: str = "runs/cpu", metric: str = "dice") -> str:
         summaries = (REPO / root / name).glob("l*_s*/summary.json")
         labeled_counts = {json.loads(p.read_text())["num_labeled"] for p in summaries}
         for labeled in sorted(labeled_counts, reverse=True):
-            for kind in ("last", "selected", "ds_last"):
+            for kind in ("last", "selected", "ds_last", *AVERAGE_KINDS):
                 by_seed = _by_seed(name, labeled, kind, root, metric)
                 if not by_seed:
                     continue
@@ -254,4 +293,4 @@ def monitor(rows: str, num_labeled: int = 8, seed: int = 0, window: int = 128, r
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    fire.Fire({"run": run, "table": table, "cases": cases, "monitor": monitor, "compare": compare})
+    fire.Fire({"run": run, "average": average, "table": table, "cases": cases, "monitor": monitor, "compare": compare})

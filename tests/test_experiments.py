@@ -81,6 +81,27 @@ def test_report_fold_run_reports_on_its_block(la_copy, tmp_path):
     assert summary["fold"] == 1 and sorted(summary["last"]["cases"]) == sorted(block)
 
 
+def test_average_scores_the_student_and_the_average_with_its_statistics(la_copy, tmp_path):
+    la_cpu = _load("la_cpu")
+    toy = f"dataset_dir={la_copy} max_iterations=2"
+    la_cpu.run("sup", num_labeled=4, seed=0, fold=1, set=f"{toy} ema_decay=0.5", name="ema", root=str(tmp_path))
+    means = la_cpu.average("ema", num_labeled=4, seed=0, fold=1, root=str(tmp_path))
+    run_dir = tmp_path / "ema" / "l4_s0_f1"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state = torch.load(run_dir / "train_state.pt", weights_only=True)
+    student = torch.load(run_dir / "model_student.pt", weights_only=True)
+    mixed = torch.load(run_dir / "model_average_student_bn.pt", weights_only=True)
+    average = {k.removeprefix("module."): v for k, v in state["cs_ema"].items() if k != "n_averaged"}
+    assert all(torch.equal(student[k], state["cs_network"][k]) for k in student)
+    for key, value in mixed.items():
+        assert torch.equal(value, (student if "running_" in key or "num_batches" in key else average)[key]), key
+    assert sorted(summary["student"]["cases"]) == sorted(summary["last"]["cases"])  # the run's own report block
+    assert means == {k: round(summary[k]["mean"]["dice"], 4) for k in ("last", "student", "average_student_bn")}
+    la_cpu.run("sup", num_labeled=4, seed=0, set=toy, name="plain", root=str(tmp_path))
+    with pytest.raises(ValueError, match="holds no average of the CS weights"):
+        la_cpu.average("plain", num_labeled=4, seed=0, root=str(tmp_path))
+
+
 def _summary(root, name, seed, fold, dice):
     folder = root / name / (f"l4_s{seed}" + (f"_f{fold}" if fold else ""))
     folder.mkdir(parents=True)
