@@ -44,9 +44,10 @@ from reference_supervised import train_reference  # noqa: E402
 
 TRAIN = [str(REPO / "bundles/la/configs/train.yaml"), str(REPO / "bundles/la/configs/cpu.yaml")]
 EVALUATE = [str(REPO / "bundles/la/configs/evaluate.yaml"), str(REPO / "bundles/la/configs/cpu.yaml")]
-#: Table 6 rows as bundle switches.
+#: Table 6 rows as bundle switches; supervised-only is the classic one, without the default mean teacher's average.
+NO_TEACHER = {"ema_decay": "0.0", "ema_pseudo_labels": "false"}
 ROWS = {
-    "sup": {"use_cps": "false", "use_hfm": "false", "use_cl": "false"},
+    "sup": {"use_cps": "false", "use_hfm": "false", "use_cl": "false", **NO_TEACHER},
     "cps": {"use_cps": "true", "use_hfm": "false", "use_cl": "false"},
     "cps_hfm": {"use_cps": "true", "use_hfm": "true", "use_cl": "false"},
     "full": {"use_cps": "true", "use_hfm": "true", "use_cl": "true"},
@@ -170,7 +171,8 @@ def _is_bn_statistic(key: str) -> bool:
 def average(name: str, num_labeled: int = 8, seed: int = 0, fold: int = 0, root: str = "runs/cpu") -> dict:
     """Score a run trained with ``ema_decay`` two more ways on its report split and add them to its ``summary.json``:
     ``student`` (the CS's own last weights; ``last`` scores their average) and ``average_student_bn`` (the average's
-    weights with the student's batch-norm statistics). Returns the mean Dice of ``last`` and of both."""
+    weights with the student's batch-norm statistics; the same as ``last`` for runs of bundle version 0.4.0 on, whose
+    average keeps the student's statistics). Returns the mean Dice of ``last`` and of both."""
     run_dir = REPO / root / name / run_folder(num_labeled, seed, fold)
     summary = json.loads((run_dir / "summary.json").read_text())
     state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)

@@ -21,6 +21,8 @@ def test_demo_quick_writes_report(tmp_path, monkeypatch):
     for folder, _ in MODELS.values():
         assert (out / folder / "model.pt").is_file()
         assert (out / folder / "eval" / "metrics_summary.json").is_file()
+        state = torch.load(out / folder / "train_state.pt", map_location="cpu", weights_only=True)
+        assert state["cs_ema"] is not None, folder  # the bundle's default: the average (and the mean teacher)
     table = (out / "report" / "metrics.md").read_text()
     assert all(name in table for name in MODELS)
     saved = json.loads((out / "demo_summary.json").read_text())
@@ -28,10 +30,10 @@ def test_demo_quick_writes_report(tmp_path, monkeypatch):
 
 
 def test_demo_options_reach_both_trainings_and_switches_are_refused(tmp_path):
-    demo(output_dir=str(tmp_path / "out"), quick=True, options={"ema_decay": 0.9})
-    for folder, _ in MODELS.values():
+    demo(output_dir=str(tmp_path / "out"), quick=True, options={"ema_decay": 0.0, "ema_pseudo_labels": False})
+    for folder, _ in MODELS.values():  # the options override the demo's own ema_decay
         state = torch.load(tmp_path / "out" / folder / "train_state.pt", map_location="cpu", weights_only=True)
-        assert state["cs_ema"] is not None, folder
+        assert state["cs_ema"] is None, folder
     with pytest.raises(ValueError, match=r"demo options \['use_cps'\]"):
         demo(output_dir=str(tmp_path / "refused"), quick=True, options={"use_cps": False})
     assert not (tmp_path / "refused").exists()  # refused before anything is written

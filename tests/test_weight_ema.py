@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_settings import SMALL_TRAIN
+from tiny_settings import SMALL_TRAIN, TINY_TRAIN
 
 from diffcl_algo.bundle.run import build_trainer
 from diffcl_algo.data.synthetic import make_synthetic_dataset
@@ -23,18 +23,25 @@ def data_dir(tmp_path_factory):
     return str(make_synthetic_dataset(root / "la", num_cases=6, shape=(36, 34, 20), seed=0, num_test=2))
 
 
-def test_weight_ema_averages_parameters_and_batch_norm_statistics():
+UNIFORM, DECAYED = (1.0 + 2.0 + 4.0) / 3, 0.5 * (0.5 * 1.0 + 0.5 * 2.0) + 0.5 * 4.0
+
+
+@pytest.mark.parametrize("decay, expected", [(0.9, UNIFORM), (0.5, DECAYED)])
+def test_weight_ema_averages_parameters_and_copies_batch_norm_statistics(decay, expected):
+    """The first update copies; then ``d = min(decay, 1 - 1 / (n + 1))``: a uniform average while ``n`` is small
+    (0.9: every value so far), ``decay`` after; buffers are the network's own."""
     net = VNet(spatial_dims=3, in_channels=1, out_channels=2, n_filters=2)
     assert weight_ema(net, 0.0) is None
-    ema = weight_ema(net, 0.9)
+    ema = weight_ema(net, decay)
     for value in (1.0, 2.0, 4.0):
         with torch.no_grad():
             for t in (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())):
                 t.fill_(value)
         ema.update_parameters(net)
-    expected = 0.9 * (0.9 * 1.0 + 0.1 * 2.0) + 0.1 * 4.0  # the first update copies, the next ones average
-    for t in (*ema.module.parameters(), ema.module.block_one.conv[1].running_mean):
+    for t in ema.module.parameters():
         assert torch.allclose(t, torch.full_like(t, expected)), t.shape
+    running_mean = ema.module.block_one.conv[1].running_mean
+    assert torch.equal(running_mean, torch.full_like(running_mean, 4.0))
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="ema_decay must be in"):
             weight_ema(net, bad)
@@ -85,10 +92,29 @@ def test_pseudo_labels_come_from_the_mean_teacher_only_when_asked(data_dir, tmp_
     assert bool((pseudo_cs == 1).all()) == teacher
 
 
+def test_mean_teacher_uses_batch_statistics(data_dir, tmp_path):
+    """The teacher labels in train mode (batch statistics, as the CS's own forward), not with running statistics."""
+    trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path), use_cl=False,
+                            ema_decay=0.99, ema_pseudo_labels=True, **SMALL)  # fmt: skip
+    modes = []
+    trainer.cs_ema.module.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    trainer.run()
+    trainer.close()
+    assert modes == [True, True]
+
+
+def test_a_teacher_batch_too_small_for_batch_norm_names_the_option(data_dir, tmp_path):
+    trainer = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path),
+                            **dict(TINY_TRAIN, ema_decay=0.99, ema_pseudo_labels=True))  # fmt: skip
+    with pytest.raises(ValueError, match=r"ema_pseudo_labels: .* one patch of \[16, 16, 16\] leaves one value"):
+        trainer.run()
+    trainer.close()
+
+
 def test_refused_settings_name_the_option(data_dir, tmp_path):
     with pytest.raises(Exception, match="ema_pseudo_labels needs an EMA"):
-        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_pseudo_labels=True,
-                      **SMALL)  # fmt: skip
+        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_decay=0.0,
+                      ema_pseudo_labels=True, **SMALL)  # fmt: skip
     with pytest.raises(Exception, match="ema_decay must be in"):
         build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_decay=1.5, **SMALL)
     state = {"cs_ema": None}
@@ -109,3 +135,12 @@ def test_validated_cs_weights_are_the_average_when_kept():
     averaged = validated_cs_weights({"cs_network": net.state_dict(), "cs_ema": ema.state_dict()})
     assert averaged.keys() == net.state_dict().keys()  # no n_averaged, no "module." prefix
     assert torch.equal(averaged["out_conv.bias"], torch.full((2,), 7.0))
+
+
+def test_a_horizon_over_a_tenth_of_the_run_warns(caplog):
+    net = VNet(spatial_dims=3, in_channels=1, out_channels=2, n_filters=2)
+    with caplog.at_level("WARNING", logger="diffcl_algo.training.ema"):
+        weight_ema(net, 0.99, max_iterations=1280)
+        assert not caplog.records
+        weight_ema(net, 0.99, max_iterations=300)
+    assert "ema_decay 0.99 averages about the last 100 iterations" in caplog.text

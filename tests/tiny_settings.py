@@ -1,7 +1,7 @@
 """Training arguments small enough for CPU tests, shared by the tests.
 
 ``SMALL_TRAIN``: 32x32x16 patches (HF-Mamba fits), 4 filters, the default 2 + 2 batch.
-``TINY_TRAIN``: 16^3 patches without HF-Mamba, batch 1 + 1, 2 iterations, no validation.
+``TINY_TRAIN``: 16^3 patches without HF-Mamba and without the mean teacher, batch 1 + 1, 2 iterations, no validation.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ TINY_TRAIN = dict(
     patch_size=(16, 16, 16),
     strides=(8, 8, 8),
     use_hfm=False,  # HF-Mamba at stage 5 needs patches of at least 32 along some axis
+    ema_decay=0.0,  # the mean teacher's train-mode forward of one 16^3 patch has one voxel at the bottleneck
+    ema_pseudo_labels=False,
     cl_num_anchors=8,
     cl_num_unlabeled=128,
     cl_top_k=16,

@@ -143,11 +143,11 @@ class DiffCLTrainer(Trainer):
             to eq. 18-19 with a mask) and as the known part of ``Y_0``, the cross pseudo-supervision covers the rest.
             Needs ``use_cps``.
         cs_ema: None (the paper) or an exponential moving average of the CS weights
-            (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True``;
-            not in the paper), updated from the CS after each optimizer step. The bundle (``ema_decay``) validates it
+            (``torch.optim.swa_utils.AveragedModel`` of :func:`~diffcl_algo.training.ema.weight_ema`; not in the
+            paper), updated from the CS after each optimizer step. The bundle (``ema_decay``) validates it
             and saves it as ``model.pt``; it is stored in ``train_state.pt``.
         ema_pseudo_labels: False: the CS pseudo-labels ``Y^u`` (DS target of eq. 6 and the signal of ``Y_0``) are the
-            argmax of this iteration's CS output; True (needs ``cs_ema``): of the EMA CS in eval mode, no gradient
+            argmax of this iteration's CS output; True (needs ``cs_ema``): of the EMA CS in train mode, no gradient
             (the mean teacher of UA-MT / BCP; not in the paper).
         poly_lr_power: None (paper: constant lr) or ``p`` for ``lr = lr0 (1 - i / max_iterations)^p`` (SSL4MIS
             uses 0.9), set each iteration from the iteration number (so it resumes exactly).
@@ -249,7 +249,9 @@ class DiffCLTrainer(Trainer):
         if float(copy_paste) > 0 and not use_cps:
             raise ValueError("copy_paste needs use_cps: without cross pseudo-supervision no unlabeled image is used.")
         if ema_pseudo_labels and cs_ema is None:
-            raise ValueError("ema_pseudo_labels needs an EMA of the CS: set ema_decay in (0, 1).")
+            raise ValueError(
+                "ema_pseudo_labels needs an EMA of the CS: set ema_decay in (0, 1), or ema_pseudo_labels false."
+            )
         self.cs_ema = cs_ema
         self.ema_pseudo_labels = bool(ema_pseudo_labels)
         self.copy_paste = float(copy_paste)
@@ -518,12 +520,21 @@ class DiffCLTrainer(Trainer):
 
     def _cs_pseudo_probs(self, x_u: torch.Tensor, cs_logits_u: torch.Tensor) -> torch.Tensor:
         """Class probabilities (b_u, C, *S) behind ``Y^u``: this step's CS output, or (``ema_pseudo_labels``) the
-        EMA CS's in eval mode (a mean teacher: its pseudo-labels change slowly, so a bad step of the CS does not at
-        once become the DS's target); no gradient."""
+        EMA CS's (a mean teacher: its pseudo-labels change slowly, so a bad step of the CS does not at once become the
+        DS's target); no gradient. The teacher runs in train mode, as in UA-MT and BCP: batch statistics, as the CS's
+        own forward uses them (its running statistics are the CS's again at the next update). In eval mode (running
+        statistics) it made Diff-CL collapse on the demo's short run even at ``ema_decay`` 0.5 (docs/results.md)."""
         if not self.ema_pseudo_labels or x_u.shape[0] == 0:
             return cs_logits_u.detach().float().softmax(1)
         teacher = self.cs_ema.module
-        teacher.eval()
+        bottleneck = [s // getattr(teacher, "downsampling", 1) for s in x_u.shape[2:]]
+        if x_u.shape[0] * math.prod(bottleneck) <= 1:
+            raise ValueError(
+                f"ema_pseudo_labels: the mean teacher labels the unlabeled batch in train mode, and one patch of "
+                f"{list(x_u.shape[2:])} leaves one value per channel at its bottleneck {bottleneck} for batch norm; "
+                "use unlabeled_batch_size >= 2, a larger patch_size, or ema_pseudo_labels false."
+            )
+        teacher.train()
         with torch.no_grad(), self._autocast():
             return teacher(x_u).float().softmax(1)
 
