@@ -4,8 +4,9 @@
 enqueues the projected DS features of labeled voxels that the DS predicted correctly into a per-class FIFO
 :class:`ClassMemoryBank`, samples ``p`` anchors per class from it, projects ``q`` random unlabeled CS features and
 returns ``L_cl`` (:class:`ContrastiveLabelPropagationLoss`). The bank's storage is registered buffers, so it is saved
-and restored with ``state_dict()`` (exact resume); the DS head gets no gradient (the bank is detached), the CS head
-does.
+and restored with ``state_dict()`` (exact resume). The bank is detached, so ``L_cl`` trains the CS head only: a separate
+DS head stays as initialised; passing the CS head as ``ds_head`` too (``cl_shared_head``) embeds the bank with the
+head that ``L_cl`` trains.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ class ContrastiveLabelPropagation(nn.Module):
 
     Args:
         cs_head: CS projection head (``ProjectionHead``: 1x1 convolutions), trained through ``L_cl``.
-        ds_head: DS projection head; its projections only fill the bank.
+        ds_head: DS projection head; its projections only fill the bank (no gradient). It may be ``cs_head`` itself:
+            one head shared by both networks.
         memory_bank: the per-class queue of DS projections.
         tau, top_k: temperature and ``k`` of eq. 12-14.
         num_anchors: ``p``, anchors per class sampled from the bank.

@@ -167,6 +167,25 @@ def test_cli_ablation_switches_build_the_ablated_graph(datasets, tmp_path):
     assert list(full.parser.get_parsed_content("network_def").hfm) == ["5"]
 
 
+def test_shared_projection_head_is_trained_and_embeds_the_bank(datasets, tmp_path):
+    wf = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
+                   cl_shared_head="true", **SMALL_TRAIN)  # fmt: skip
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    head = trainer.contrastive.cs_head
+    assert trainer.contrastive.ds_head is head
+    ds_params = {id(p) for g in trainer.ds_optimizer.param_groups for p in g["params"]}
+    cs_params = {id(p) for g in trainer.cs_optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in cs_params and id(p) not in ds_params for p in head.parameters())
+    before = [p.detach().clone() for p in head.parameters()]
+    _run(wf)
+    assert any(not torch.equal(b, p) for b, p in zip(before, head.parameters()))
+    assert int(trainer.contrastive.memory_bank.count.sum()) > 0
+    separate = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
+                         **SMALL_TRAIN)  # fmt: skip
+    contrastive = separate.parser.get_parsed_content("train#trainer").contrastive
+    assert contrastive.ds_head is not contrastive.cs_head
+
+
 def test_la_holdout_split_and_resume(datasets, tmp_path):
     import shutil
 
