@@ -36,6 +36,14 @@ def test_regenerating_the_bundles_leaves_no_diff():
     assert len(written) == len(DATASETS) * (len(WORKFLOWS) + 2)
 
 
+def test_written_configs_keep_multi_line_comments():
+    graph = (CONFIG_DIR / "train.yaml").read_text().splitlines()
+    at = next(i for i, line in enumerate(graph) if line.startswith("cl_shared_head:"))
+    for dataset in DATASETS:
+        written = (REPO / "bundles" / dataset / "configs" / "train.yaml").read_text()
+        assert "\n".join(graph[at : at + 2]) in written
+
+
 def test_check_names_a_stale_file(tmp_path):
     for dataset in DATASETS:
         (tmp_path / dataset / "configs").mkdir(parents=True)

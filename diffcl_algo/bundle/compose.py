@@ -71,6 +71,7 @@ HEADER = """\
 
 _KEY_LINE = re.compile(r"^(?P<key>[+\w#]+):(?P<value>.*?)(?P<comment>\s+#\s.*)?$")
 _COMMENT_COLUMN = 30
+_CONTINUATION = " " * _COMMENT_COLUMN + "#"  # a trailing comment's next line
 
 
 class _Dumper(yaml.SafeDumper):
@@ -132,15 +133,22 @@ def _workflow_keys(workflow: str) -> set[str]:
 
 def _comments(path: Path) -> dict[str, tuple[list[str], str]]:
     """``{top-level key: (the comment lines just above it, its line's trailing comment or "")}`` of a YAML file
-    (the file's opening comment is not a key's)."""
+    (the file's opening comment is not a key's). A trailing comment keeps its continuation lines (comment lines
+    indented to the comment column just below it)."""
     found: dict[str, tuple[list[str], str]] = {}
     above: list[str] = []
+    key = None
     for line in path.read_text().splitlines():
         match = _KEY_LINE.match(line)
+        if key and line.startswith(_CONTINUATION):
+            found[key] = (found[key][0], f"{found[key][1]}\n{line}")
+            continue
+        key = None
         if line.startswith("#"):
             above.append(line)
         elif match:
-            found[match["key"].lstrip(MERGE_KEY)] = (above if found else [], (match["comment"] or "").strip())
+            key = match["key"].lstrip(MERGE_KEY)
+            found[key] = (above if found else [], (match["comment"] or "").strip())
             above = []
         elif not line.strip() or not line.startswith((" ", "-")):
             above = []
