@@ -186,6 +186,27 @@ def test_shared_projection_head_is_trained_and_embeds_the_bank(datasets, tmp_pat
     assert contrastive.ds_head is not contrastive.cs_head
 
 
+def test_pseudo_label_selection_reaches_the_contrastive_loss(datasets, tmp_path):
+    wf = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
+                   cl_select="pseudo_label", **SMALL_TRAIN)  # fmt: skip
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.contrastive.selection == "pseudo_label"
+    calls = []
+    forward = trainer.contrastive.loss.forward
+
+    def spy(anchors, features, pseudo_labels=None):
+        calls.append(pseudo_labels)
+        return forward(anchors, features, pseudo_labels)
+
+    trainer.contrastive.loss.forward = spy
+    _run(wf)
+    assert calls and all(labels is not None and labels.numel() == features for labels, features in
+                         zip(calls, [trainer.contrastive.num_unlabeled] * len(calls)))  # fmt: skip
+    paper = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
+                      **SMALL_TRAIN)  # fmt: skip
+    assert paper.parser.get_parsed_content("train#trainer").contrastive.selection == "similarity"
+
+
 def test_la_holdout_split_and_resume(datasets, tmp_path):
     import shutil
 

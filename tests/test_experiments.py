@@ -156,3 +156,20 @@ def test_hfm_magnitude_compares_the_module_output_with_the_features(tmp_path, ca
         net.hfm["5"].scale.gamma.fill_(1.0)
     assert magnitude.ratio(net, batch, train=False) == pytest.approx(2 * half, rel=1e-4)
     assert f"ratio {half:.3f}" in lines[2]
+
+
+@pytest.mark.parametrize("select", ["similarity", "pseudo_label"])
+def test_cl_positives_counts_the_hidden_labels_of_the_selection(la_copy, tmp_path, select):
+    la_cpu, cl_positives = _load("la_cpu"), _load("cl_positives")
+    toy = (f"dataset_dir={la_copy} max_iterations=2 ema_decay=0.5 ema_pseudo_labels=true cl_select={select} "
+           "cl_num_anchors=4 cl_num_unlabeled=256 cl_top_k=16")  # fmt: skip
+    la_cpu.run("full", num_labeled=4, seed=0, set=toy, root=str(tmp_path))
+    out = cl_positives.measure(str(tmp_path / "full" / "l4_s0"), batches=2)
+    measured = [c for c, purity in enumerate(out["purity"]) if purity is not None]
+    assert measured  # at least one class reached the bank
+    for c in measured:
+        assert out["cs_right"][c] + out["corrective"][c] == pytest.approx(out["purity"][c], abs=2e-4)
+        assert out["purity"][c] + out["wrong"][c] == pytest.approx(1.0, abs=2e-4)
+        assert 0.0 <= out["neg_true"][c] <= 1.0
+    assert sum(out["share"][c] for c in measured) <= 1.0 + 2e-4
+    assert 0.0 <= out["cs_err_all"] <= 1.0 and 0.0 <= out["teacher_err_all"] <= 1.0

@@ -430,7 +430,16 @@ class DiffCLTrainer(Trainer):
             loss_cps_ds = self.dice_ce(ds_logits[nl:], pseudo_cs, hp.lambda1, mask=mask_ds)  # eq. 6 (line 11)
         loss_cl = zero
         if self.contrastive is not None:  # eq. 15 (line 12)
-            loss_cl = self.contrastive(ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen, autocast=self._autocast)
+            pseudo_u = None  # cl_select: pseudo_label chooses positives among the voxels of Y^u's class
+            if unwrap(self.contrastive).selection == "pseudo_label":
+                if x_ds.shape[0] > nl:
+                    pseudo_u = pseudo_cs
+                else:  # without CPS the DS saw the labeled images only: Y^u of the unlabeled ones here
+                    with torch.no_grad():
+                        pseudo_u = class_argmax(self._cs_pseudo_probs(x[nl:], cs_logits[nl:]))
+            loss_cl = self.contrastive(
+                ds_logits[:nl], ds_feat[:nl], y, cs_feat[nl:], gen, autocast=self._autocast, pseudo_labels_u=pseudo_u
+            )
         unsup = ramp / self.RAMP_PEAK if self.unsup_ramp else 1.0
         loss_ds = loss_sup_ds + hp.mu1 * unsup * loss_cps_ds  # eq. 16
         loss_cs = loss_sup_cs + hp.mu2 * unsup * (loss_cps_cs + hp.eta * loss_cl)  # eq. 17 with eq. 22 (line 13)
