@@ -157,7 +157,7 @@ class ContrastiveLabelPropagationLoss(nn.Module):
     similarities of the selected pairs, into ``b`` (and into ``a`` when it requires grad).
 
     Eq. 12-13 choose positives by similarity alone, so a class's positives need not belong to it: in trained LA
-    runs the foreground's positives were 1-3% foreground (``experiments/cl_positives.py``). Given pseudo-labels,
+    runs the foreground's positives were 1-8% foreground (``experiments/cl_positives.py``). Given pseudo-labels,
     positives are chosen among the features pseudo-labeled ``gamma`` and negatives among the others (not in the
     paper).
 
