@@ -21,7 +21,13 @@ from torch import nn
 
 from diffcl_algo.losses import class_argmax
 
-__all__ = ["ClassMemoryBank", "ContrastiveLabelPropagation", "ContrastiveLabelPropagationLoss", "all_gather_variable"]
+__all__ = [
+    "ClassMemoryBank",
+    "ContrastiveLabelPropagation",
+    "ContrastiveLabelPropagationLoss",
+    "all_gather_variable",
+    "project_voxels",
+]
 
 
 class ClassMemoryBank(nn.Module):
@@ -329,16 +335,16 @@ class ContrastiveLabelPropagation(nn.Module):
                     idx = idx[: self.samples_per_class]
                 chosen.append(idx)
             idx = torch.cat(chosen)
-            feats = _project(self.ds_head, ds_feat_l, idx, autocast)
+            feats = project_voxels(self.ds_head, ds_feat_l, idx, autocast)
             self.memory_bank.enqueue(all_gather_variable(feats), all_gather_variable(labels[idx]))
             anchors = self.memory_bank.sample(self.num_anchors, generator=generator, min_count=self.min_bank)
         voxels = cs_feat_u.shape[0] * cs_feat_u[0, 0].numel()
         pick = torch.randperm(voxels, generator=generator, device=cs_feat_u.device)[: self.num_unlabeled]
         labels_u = pseudo_labels_u.reshape(-1)[pick] if self.selection == "pseudo_label" else None
-        return self.loss(anchors, _project(self.cs_head, cs_feat_u, pick, autocast), labels_u)
+        return self.loss(anchors, project_voxels(self.cs_head, cs_feat_u, pick, autocast), labels_u)
 
 
-def _project(
+def project_voxels(
     head: nn.Module, features: torch.Tensor, index: torch.Tensor, autocast: Callable[[], ContextManager]
 ) -> torch.Tensor:
     """Projections of the voxels ``index`` (flat over batch and space) of ``features`` (B, F, *S): (n, d).

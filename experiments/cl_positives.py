@@ -32,7 +32,7 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
-from diffcl_algo.contrastive import ClassMemoryBank, ContrastiveLabelPropagationLoss, _project
+from diffcl_algo.contrastive import ClassMemoryBank, ContrastiveLabelPropagationLoss, project_voxels
 from diffcl_algo.data import train_transforms
 from diffcl_algo.data.transforms import HIDDEN_LABEL
 from diffcl_algo.losses import class_argmax
@@ -82,10 +82,9 @@ def measure(run_dir: str, batches: int = 32, seed: int = 0) -> dict:
     teacher.load_state_dict({k[len("module.") :]: v for k, v in state["cs_ema"].items() if k.startswith("module.")})
     head = parser.get_parsed_content("nets#cs_head_def")
     head.load_state_dict(state["cs_head"])
-    bank_state = state["memory_bank"]
-    bank = ClassMemoryBank(*bank_state["features"].shape[:1], bank_state["features"].shape[2],
-                           bank_state["features"].shape[1])  # fmt: skip
-    bank.load_state_dict(bank_state)
+    num_classes, capacity, dim = state["memory_bank"]["features"].shape
+    bank = ClassMemoryBank(num_classes, dim, capacity)
+    bank.load_state_dict(state["memory_bank"])
     loss = ContrastiveLabelPropagationLoss(parser.get_parsed_content("cl_tau"), parser.get_parsed_content("cl_top_k"))
     q, p = parser.get_parsed_content("cl_num_unlabeled"), parser.get_parsed_content("cl_num_anchors")
     by_pseudo_label = parser.get_parsed_content("cl_select") == "pseudo_label"
@@ -102,7 +101,7 @@ def measure(run_dir: str, batches: int = 32, seed: int = 0) -> dict:
             pred = class_argmax(logits[2:]).reshape(-1)
             labels = y.reshape(-1)
             pick = torch.randperm(labels.numel(), generator=gen)[:q]
-            b = _project(head, feat[2:], pick, contextlib.nullcontext)
+            b = project_voxels(head, feat[2:], pick, contextlib.nullcontext)
             lab, prd = labels[pick], pred[pick]
             errors["cs_err_all"].append(float((prd != lab).float().mean()))
             errors["teacher_err_all"].append(float((pred_t[pick] != lab).float().mean()))

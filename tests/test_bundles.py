@@ -200,8 +200,8 @@ def test_pseudo_label_selection_reaches_the_contrastive_loss(datasets, tmp_path)
 
     trainer.contrastive.loss.forward = spy
     _run(wf)
-    assert calls and all(labels is not None and labels.numel() == features for labels, features in
-                         zip(calls, [trainer.contrastive.num_unlabeled] * len(calls)))  # fmt: skip
+    q = trainer.contrastive.num_unlabeled
+    assert calls and all(labels is not None and labels.numel() == q for labels in calls)  # one per picked voxel
     paper = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
                       **SMALL_TRAIN)  # fmt: skip
     assert paper.parser.get_parsed_content("train#trainer").contrastive.selection == "similarity"
