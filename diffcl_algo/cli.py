@@ -28,7 +28,7 @@ __all__ = ["COMMANDS", "USER_ERRORS", "docstring_args", "main", "user_error"]
 COMMANDS = {
     "run": ("diffcl_algo.bundle.run:run", "run a bundle workflow (training / evaluating / inferring), options checked"),
     "demo": ("diffcl_algo.demo:demo", "train and evaluate Diff-CL and a baseline on synthetic data (no download)"),
-    "prepare": ("diffcl_algo.data.prepare:prepare", "check (la) or convert (brats, pancreas) a dataset"),
+    "prepare": ("diffcl_algo.convert.prepare:prepare", "check (la) or convert (brats, pancreas) a dataset"),
     "report": ("diffcl_algo.evaluation.report:report", "metric tables, learning curves and overlays of runs"),
     "package": ("diffcl_algo.bundle.package:package", "write a self-contained model-zoo zip of a bundle and weights"),
     "bundles": ("diffcl_algo.bundle.compose:write_bundles", "write (or --check) the bundles' configs from the graph"),

@@ -33,9 +33,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from diffcl_algo.bundle.run import run_workflow
-from diffcl_algo.data import make_synthetic_dataset
-from diffcl_algo.data.writers import write_text
+from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.evaluation.report import report
+from diffcl_algo.utils import write_text
 
 __all__ = ["MODELS", "demo", "demo_table"]
 

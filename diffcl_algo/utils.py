@@ -115,6 +115,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             os.close(dir_fd)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+
 def as_bool(value: Any) -> bool:
     """A switch given as a boolean or as a command-line string (``"true"``, ``"1"``, ``"yes"``, ``"on"``: True)."""
     return value if isinstance(value, bool) else str(value).strip().lower() in TRUE_STRINGS

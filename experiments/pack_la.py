@@ -36,8 +36,8 @@ import fire
 import h5py
 import numpy as np
 
+from diffcl_algo.convert.writers import check_overwrite, write_h5, write_text
 from diffcl_algo.data.io import LAYOUTS, DataError, read_case_list
-from diffcl_algo.data.writers import check_overwrite, write_h5, write_text
 
 LIST_NAME = "train.list"
 MAX_CODES = 256

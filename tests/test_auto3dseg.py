@@ -35,8 +35,9 @@ from diffcl_algo.auto3dseg import (
     training_arguments,
     validate,
 )
-from diffcl_algo.data import DataError, make_synthetic_dataset
-from diffcl_algo.data.writers import write_h5
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.convert.writers import write_h5
+from diffcl_algo.data import DataError
 from tests.tiny_settings import TINY_TRAIN
 
 SHAPE = (24, 24, 20)

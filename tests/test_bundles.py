@@ -16,7 +16,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from diffcl_algo.data import DataError, make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import DataError
 from diffcl_algo.utils import config_error_cause
 
 REPO = Path(__file__).resolve().parents[1]

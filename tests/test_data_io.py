@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.data import (
     LA_SPACING,
     DataError,
@@ -18,7 +19,6 @@ from diffcl_algo.data import (
     build_datalists,
     detect_layout,
     la_datalist,
-    make_synthetic_dataset,
     read_case_list,
     validate_cases,
 )

@@ -14,18 +14,10 @@ import numpy as np
 import pytest
 from monai.utils import optional_import
 
-from diffcl_algo.data import (
-    DataError,
-    build_datalists,
-    make_synthetic_brats_raw,
-    make_synthetic_dataset,
-    make_synthetic_pancreas_raw,
-    prepare,
-    read_case_list,
-    validate_cases,
-)
-from diffcl_algo.data.prepare import rescale_case
-from diffcl_algo.data.writers import write_h5
+from diffcl_algo.convert import make_synthetic_brats_raw, make_synthetic_dataset, make_synthetic_pancreas_raw, prepare
+from diffcl_algo.convert.prepare import rescale_case
+from diffcl_algo.convert.writers import write_h5
+from diffcl_algo.data import DataError, build_datalists, read_case_list, validate_cases
 
 REPO = Path(__file__).resolve().parents[1]
 

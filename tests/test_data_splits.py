@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from diffcl_algo.data import DataError, make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import DataError
 from diffcl_algo.data.splits import CaseSplits, inference_cases
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset
 
-from diffcl_algo.data import RandRotFlipd, build_datalists, make_synthetic_dataset, train_transforms, val_transforms
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import RandRotFlipd, build_datalists, train_transforms, val_transforms
 
 LA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_settings import SMALL_TRAIN, handler_of
 
-from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.convert.synthetic import make_synthetic_dataset
 
 WORLD = 2
 

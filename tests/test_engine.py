@@ -12,8 +12,8 @@ from ignite.engine import Events
 from tiny_settings import SMALL_TRAIN
 
 from diffcl_algo.bundle.run import build_trainer, train
+from diffcl_algo.convert.synthetic import make_synthetic_dataset
 from diffcl_algo.data.iteration import IterationBatchDataset
-from diffcl_algo.data.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms
 from diffcl_algo.networks.hf_mamba import HFMamba
 from diffcl_algo.training.trainer import LOSS_KEYS, OUTPUT_KEYS

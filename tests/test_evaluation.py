@@ -16,7 +16,8 @@ from monai.data import MetaTensor
 from monai.transforms import SaveImaged
 from torch import nn
 
-from diffcl_algo.data import LA_SPACING, build_datalists, make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import LA_SPACING, build_datalists
 from diffcl_algo.data.cases import CASE_META_KEY, CaseNamed, case_name, case_name_formatter
 from diffcl_algo.evaluation.metrics import METRIC_NAMES, case_metrics, volume_diagonal
 from diffcl_algo.inference.chains import eval_preprocessing

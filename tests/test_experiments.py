@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.convert.synthetic import make_synthetic_dataset
 from diffcl_algo.losses import class_argmax
 from diffcl_algo.networks import VNet
 

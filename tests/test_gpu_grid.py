@@ -80,7 +80,7 @@ def test_packed_half_resolution_la_is_unpacked_where_the_protocol_reads(tmp_path
     import numpy as np
     import pack_la
 
-    from diffcl_algo.data.synthetic import make_synthetic_dataset
+    from diffcl_algo.convert.synthetic import make_synthetic_dataset
 
     assert gpu_grid.protocol_dataset_dir() == REPO / "data/LA_half"  # cpu.yaml's dataset_dir
     # synthetic cases have more than 256 distinct values, as the resampled half-resolution ones do

@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 import pytest
 
+from diffcl_algo.convert.synthetic import make_synthetic_dataset
+from diffcl_algo.convert.writers import write_h5
 from diffcl_algo.data import LAYOUTS, DataError
-from diffcl_algo.data.synthetic import make_synthetic_dataset
-from diffcl_algo.data.writers import write_h5
 
 REPO = Path(__file__).resolve().parents[1]
 #: Toy overrides: HF-Mamba fits a 32x32x16 patch; everything else as small as the bundle allows.

@@ -17,11 +17,12 @@ ALLOWED = {
     "cli": {"utils"},  # commands are imported by name (importlib) when called
     "bundle": {"training", "inference", "evaluation", "data", "networks", "utils"},
     "auto3dseg": {"bundle", "inference", "evaluation", "data", "networks", "utils"},
-    "demo": {"bundle", "evaluation", "data", "utils"},
+    "demo": {"bundle", "evaluation", "convert", "data", "utils"},
     "training": {"contrastive", "evaluation", "data", "networks", "diffusion", "losses", "schedules", "utils"},
     "contrastive": {"losses"},
     "inference": {"data", "utils"},
     "evaluation": {"data", "utils"},
+    "convert": {"data", "utils"},  # offline conversion; nothing at training or inference time imports it
     "data": {"utils"},
     "networks": set(),
     "diffusion": set(),

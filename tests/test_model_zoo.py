@@ -25,7 +25,7 @@ import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 from diffcl_algo.bundle.package import file_md5, package
-from diffcl_algo.data import make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.networks import Mamba, VNet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.bundle.run import train
-from diffcl_algo.data import make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.schedules import resolve_hyperparams, table2_params
 from diffcl_algo.training.handlers import GuardedValidationHandler
 

@@ -17,7 +17,8 @@ import torch
 from tiny_settings import TINY_TRAIN
 
 from diffcl_algo.bundle.run import train
-from diffcl_algo.data import DataError, make_synthetic_dataset, validate_cases
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import DataError, validate_cases
 
 TINY = TINY_TRAIN
 SHAPE = (20, 20, 18)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny_settings import TINY_TRAIN
 
-from diffcl_algo.data import make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.training.checkpoint import TrainStateLoader, atomic_save, load_train_state
 
 TRAIN = (

@@ -14,7 +14,7 @@ from monai.handlers import ValidationHandler
 from tiny_settings import TINY_TRAIN, handler_of
 
 from diffcl_algo.bundle.run import build_trainer
-from diffcl_algo.data import make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.training.checkpoint import ModelSaver, load_train_state, validated_cs_weights
 from diffcl_algo.training.handlers import GuardedValidationHandler
 

@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from diffcl_algo.data import build_datalists, make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import build_datalists
 from diffcl_algo.evaluation.metrics import METRIC_NAMES
 from diffcl_algo.evaluation.report import format_mean_std, load_scalars, report
 

@@ -22,7 +22,8 @@ from monai.transforms import Spacing
 from scipy.ndimage import gaussian_filter
 
 from diffcl_algo.bundle.run import load_bundle, run_workflow
-from diffcl_algo.data import ScanNormalized, make_synthetic_dataset
+from diffcl_algo.convert import make_synthetic_dataset
+from diffcl_algo.data import ScanNormalized
 from diffcl_algo.inference.chains import check_roi, scan_preprocessing
 from diffcl_algo.inference.predict import predict_volume
 

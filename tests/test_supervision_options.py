@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 from tiny_settings import SMALL_TRAIN
 
 from diffcl_algo.bundle.run import build_trainer
-from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.convert.synthetic import make_synthetic_dataset
 from diffcl_algo.data.transforms import train_transforms, val_transforms
 from diffcl_algo.losses import DiceCELoss
 from diffcl_algo.networks import VNet

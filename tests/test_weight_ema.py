@@ -9,7 +9,7 @@ import torch
 from tiny_settings import SMALL_TRAIN, TINY_TRAIN
 
 from diffcl_algo.bundle.run import build_trainer
-from diffcl_algo.data.synthetic import make_synthetic_dataset
+from diffcl_algo.convert.synthetic import make_synthetic_dataset
 from diffcl_algo.networks import VNet
 from diffcl_algo.training.checkpoint import validated_cs_weights
 from diffcl_algo.training.ema import weight_ema

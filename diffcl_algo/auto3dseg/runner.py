@@ -32,10 +32,9 @@ from diffcl_algo.auto3dseg.config import TEMPLATE_KEYS, load_config
 from diffcl_algo.bundle.run import load_bundle, run_workflow
 from diffcl_algo.bundle.run import train as run_training
 from diffcl_algo.data.io import DataError, decathlon_datalists
-from diffcl_algo.data.writers import write_text
 from diffcl_algo.evaluation.handlers import SUMMARY_JSON
 from diffcl_algo.inference.chains import scan_postprocessing
-from diffcl_algo.utils import is_main_process
+from diffcl_algo.utils import is_main_process, write_text
 
 __all__ = [
     "PROGRESS_FILE",

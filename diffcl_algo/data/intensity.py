@@ -7,9 +7,9 @@ Modes (:data:`SCAN_NORMS`), each from MONAI intensity transforms on the whole sc
 - ``"zscore"`` (LA): ``(x - mean) / std`` of the whole scan (``NormalizeIntensity``), UA-MT's LA preprocessing,
   applied before its crop around the atrium;
 - ``"zscore_nonzero"`` (BraTS): the upper 99.9th percentile clipped, then the z-score of the nonzero voxels
-  (:func:`~diffcl_algo.data.brats.brats_transforms`);
+  (:func:`~diffcl_algo.convert.brats.brats_transforms`);
 - ``"ct_window"`` (Pancreas): the soft-tissue window [-120, 240] HU scaled to [0, 1], then the z-score
-  (:func:`~diffcl_algo.data.pancreas.prepare_pancreas` z-scores the volume cropped around the pancreas, so inference
+  (:func:`~diffcl_algo.convert.pancreas.prepare_pancreas` z-scores the volume cropped around the pancreas, so inference
   z-scores again after its region of interest: :data:`ZSCORE_AFTER_CROP`);
 - ``"none"``: intensities as stored.
 """

@@ -93,7 +93,7 @@ class H5Reader(ImageReader):
     Args:
         dataset: name of the h5 dataset to read (``"image"`` or ``"label"`` in the field's files).
         spacing: voxel size in mm used for the affine ``diag(spacing, 1)``. ``None``: the file's ``spacing``
-            attribute (written by :mod:`diffcl_algo.data.prepare`) when present, else ``LA_SPACING`` (the field's
+            attribute (written by :mod:`diffcl_algo.convert.prepare`) when present, else ``LA_SPACING`` (the field's
             LA files carry no attributes).
     """
 

@@ -38,7 +38,6 @@ from monai.utils.enums import MetaKeys
 from tqdm import tqdm
 
 from diffcl_algo.data.cases import item_case_name
-from diffcl_algo.data.writers import write_text
 from diffcl_algo.evaluation.metrics import (
     BOTH_EMPTY_VALUES,
     METRIC_NAMES,
@@ -50,6 +49,7 @@ from diffcl_algo.evaluation.metrics import (
     foreground_mask,
     summarize,
 )
+from diffcl_algo.utils import write_text
 
 __all__ = [
     "CASES_JSON",

@@ -41,10 +41,9 @@ from monai.utils import optional_import
 from scipy.ndimage import center_of_mass
 
 from diffcl_algo.data import LoadH5d
-from diffcl_algo.data.writers import write_text
 from diffcl_algo.evaluation.handlers import CASES_JSON, METRICS_CSV, SUMMARY_JSON
 from diffcl_algo.evaluation.metrics import METRIC_NAMES, summarize
-from diffcl_algo.utils import atomic_write
+from diffcl_algo.utils import atomic_write, write_text
 
 Figure, _ = optional_import("matplotlib.figure", name="Figure")
 Line2D, _ = optional_import("matplotlib.lines", name="Line2D")

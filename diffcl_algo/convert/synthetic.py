@@ -3,7 +3,7 @@
 - :func:`make_synthetic_dataset`: a preprocessed h5 dataset in one of the field's layouts (default LA), with
   blob-shaped foreground on a noisy, smoothly biased background: learnable by a tiny network in a few steps.
 - :func:`make_synthetic_brats_raw` / :func:`make_synthetic_pancreas_raw`: raw challenge-form NIfTI inputs for
-  :mod:`diffcl_algo.data.prepare`, scaled-down shapes with realistic dtypes, spacings, intensity ranges and
+  :mod:`diffcl_algo.convert.prepare`, scaled-down shapes with realistic dtypes, spacings, intensity ranges and
   label codes.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 from monai.config import PathLike
 from scipy.ndimage import gaussian_filter
 
+from diffcl_algo.convert.writers import check_overwrite, write_h5, write_text
 from diffcl_algo.data.io import LA_SPACING, LAYOUTS, LIST_NAMES
-from diffcl_algo.data.writers import check_overwrite, write_h5, write_text
 
 __all__ = ["make_synthetic_dataset", "make_synthetic_brats_raw", "make_synthetic_pancreas_raw"]
 

@@ -15,9 +15,9 @@ import numpy as np
 from monai.config import PathLike
 
 from diffcl_algo.data.io import DataError, read_case_list
-from diffcl_algo.utils import atomic_write
+from diffcl_algo.utils import atomic_write, write_text
 
-__all__ = ["write_h5", "write_text", "write_lists", "check_overwrite"]
+__all__ = ["write_h5", "write_lists", "check_overwrite"]
 
 
 def write_h5(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> None:
@@ -27,12 +27,6 @@ def write_h5(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, A
             f.create_dataset(name, data=array, compression="gzip")
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
-
-
-def write_text(path: PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
 
 
 def check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:

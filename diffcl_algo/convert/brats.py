@@ -30,8 +30,8 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
+from diffcl_algo.convert.writers import check_overwrite, write_h5, write_lists
 from diffcl_algo.data.io import LAYOUTS, LIST_NAMES, DataError
-from diffcl_algo.data.writers import check_overwrite, write_h5, write_lists
 
 __all__ = ["brats_cases", "brats_transforms", "prepare_brats"]
 

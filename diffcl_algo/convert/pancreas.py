@@ -38,8 +38,8 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import optional_import
 from tqdm import tqdm
 
+from diffcl_algo.convert.writers import check_overwrite, write_h5, write_lists
 from diffcl_algo.data.io import LAYOUTS, LIST_NAMES, DataError
-from diffcl_algo.data.writers import check_overwrite, write_h5, write_lists
 
 __all__ = ["pancreas_cases", "pancreas_crop_box", "prepare_pancreas"]
 

@@ -4,8 +4,8 @@
   every list present, values) and reports; with ``--dst`` the report is also written to
   ``<dst>/la_report.json``. With ``--scale 0.5`` it also writes a resampled copy of every listed case to
   ``<dst>`` in the same layout (the reduced CPU protocol of ``bundles/la/configs/cpu.yaml``).
-- ``brats``: :func:`~diffcl_algo.data.brats.prepare_brats` (SSL4MIS layout).
-- ``pancreas``: :func:`~diffcl_algo.data.pancreas.prepare_pancreas` (MC-Net layout).
+- ``brats``: :func:`~diffcl_algo.convert.brats.prepare_brats` (SSL4MIS layout).
+- ``pancreas``: :func:`~diffcl_algo.convert.pancreas.prepare_pancreas` (MC-Net layout).
 
 Every file is written atomically (temp file then ``os.replace``) and existing outputs are never replaced
 without ``--overwrite``; extra flags are passed to the dataset's function (e.g. ``--pixdim 1.0``).
@@ -24,11 +24,11 @@ from monai.config import PathLike
 from monai.transforms import Resize
 from tqdm import tqdm
 
-from diffcl_algo.data.brats import prepare_brats
+from diffcl_algo.convert.brats import prepare_brats
+from diffcl_algo.convert.pancreas import prepare_pancreas
+from diffcl_algo.convert.writers import check_overwrite, write_h5, write_text
 from diffcl_algo.data.io import LA_SPACING, LAYOUTS, LIST_NAMES, DataError, la_datalist
-from diffcl_algo.data.pancreas import prepare_pancreas
 from diffcl_algo.data.validation import validate_cases
-from diffcl_algo.data.writers import check_overwrite, write_h5, write_text
 
 __all__ = ["prepare", "prepare_la", "rescale_case"]
 
