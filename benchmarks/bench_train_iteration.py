@@ -48,8 +48,7 @@ def make_trainer(mode: dict, args: argparse.Namespace, device: torch.device, amp
         use_cps=mode["use_cps"],
         cs_optimizer=net("nets#cs_optimizer"),
         ds_optimizer=net("nets#ds_optimizer"),
-        amp=amp != "none",
-        amp_dtype="bfloat16" if amp == "none" else amp,
+        amp=False if amp == "none" else amp,
     )
 
 

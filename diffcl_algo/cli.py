@@ -5,9 +5,13 @@ of one command never breaks another). Options are the function's parameters (``-
 as a Python / YAML literal, so ``--patch_size "[48, 48, 32]"`` and ``--quick true`` work, as with ``fire``); their
 help is the ``Args:`` section of the docstring.
 
-Errors of the kinds a user can fix (:data:`USER_ERRORS`: a missing or malformed file, a bad option value) end the
-command with one line, ``error: <cause>``, and exit status 1 (``--traceback`` or ``DIFFCL_TRACEBACK=1`` shows the
-full traceback); anything else is a bug and keeps its traceback.
+Errors of the kinds a user can fix (:data:`~diffcl_algo.utils.USER_ERRORS`: a missing or malformed file, a bad option
+value) end the command with one line, ``error: <cause>``, and exit status 1 (``--traceback`` or ``DIFFCL_TRACEBACK=1``
+shows the full traceback); anything else is a bug and keeps its traceback.
+
+Under the stock ``python -m monai.bundle run`` (whose errors in config expressions MONAI re-raises as ``RuntimeError:
+Failed to evaluate ...``, the cause tens of lines up), :func:`~diffcl_algo.utils.install_cause_hook` makes the cause the
+last line too: the traceback as Python prints it, then ``error: <cause>`` (:func:`~diffcl_algo.utils.print_cause_hook`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,20 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-from diffcl_algo.utils import config_error_cause, parse_overrides, parse_value
+from diffcl_algo.utils import (
+    USER_ERRORS,
+    config_error_cause,
+    one_line,
+    parse_overrides,
+    parse_value,
+)
 
-__all__ = ["COMMANDS", "USER_ERRORS", "docstring_args", "main", "user_error"]
+__all__ = [
+    "COMMANDS",
+    "docstring_args",
+    "main",
+    "user_error",
+]
 
 #: command name -> ("module:function", one-line summary shown by ``python -m diffcl_algo --help``)
 COMMANDS = {
@@ -34,8 +49,6 @@ COMMANDS = {
     "bundles": ("diffcl_algo.bundle.compose:write_bundles", "write (or --check) the bundles' configs from the graph"),
 }
 
-#: Exceptions reported as one line: our own ``DataError`` is a ``ValueError``; missing files are ``OSError``.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 _OPT = "_option_"  # argparse dest prefix of the --name spelling of a positional parameter
 
 
@@ -97,13 +110,6 @@ def user_error(error: BaseException) -> BaseException | None:
     """The error to report in one line (the cause under MONAI's config wrappers), None when it is a bug."""
     cause = config_error_cause(error)
     return cause if isinstance(cause, USER_ERRORS) else None
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
-        text = f"{error.filename}: {text}"
-    return text or type(error).__name__
 
 
 def _takes_kwargs(func: Callable[..., Any]) -> bool:
@@ -185,6 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = user_error(e)
         if cause is None or args.traceback or os.environ.get("DIFFCL_TRACEBACK") == "1":
             raise
-        print(f"error: {_one_line(cause)}", file=sys.stderr)
+        print(f"error: {one_line(cause)}", file=sys.stderr)
         return 1
     return 0

@@ -4,9 +4,8 @@
 enqueues the projected DS features of labeled voxels that the DS predicted correctly into a per-class FIFO
 :class:`ClassMemoryBank`, samples ``p`` anchors per class from it, projects ``q`` random unlabeled CS features and
 returns ``L_cl`` (:class:`ContrastiveLabelPropagationLoss`). The bank's storage is registered buffers, so it is saved
-and restored with ``state_dict()`` (exact resume). The bank is detached, so ``L_cl`` trains the CS head only: a separate
-DS head stays as initialised; passing the CS head as ``ds_head`` too (``cl_shared_head``) embeds the bank with the
-head that ``L_cl`` trains.
+and restored with ``state_dict()`` (exact resume). The bank is detached, so ``L_cl`` trains the CS head only; the DS
+head that embeds the bank stays as initialised (docs/results.md, "What was tried": a shared head measured no gain).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ __all__ = [
     "ContrastiveLabelPropagation",
     "ContrastiveLabelPropagationLoss",
     "all_gather_variable",
-    "project_voxels",
 ]
 
 
@@ -163,9 +161,7 @@ class ContrastiveLabelPropagationLoss(nn.Module):
     similarities of the selected pairs, into ``b`` (and into ``a`` when it requires grad).
 
     Eq. 12-13 choose positives by similarity alone, so a class's positives need not belong to it: in trained LA
-    runs the foreground's positives were 1-8% foreground (``experiments/cl_positives.py``). Given pseudo-labels,
-    positives are chosen among the features pseudo-labeled ``gamma`` and negatives among the others (not in the
-    paper).
+    runs the foreground's positives were 1-6% foreground (docs/results.md, Table 6).
 
     Args:
         tau: temperature of eq. 14 (default 0.1).
@@ -179,49 +175,31 @@ class ContrastiveLabelPropagationLoss(nn.Module):
         self.tau = float(tau)
         self.top_k = int(top_k)
 
-    def select(
-        self, anchors: torch.Tensor, features: torch.Tensor, members: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, anchors: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of the positives (eq. 12) and negatives (eq. 13) of one class.
 
         Args:
             anchors: (p, d) class anchors ``a^gamma``.
             features: (q, d) unlabeled features ``b``.
-            members: None (the paper: every feature may be a positive or a negative), or (q,) bool, True where the
-                feature's pseudo-label is this class: positives are then drawn from the members only and negatives
-                from the others only (not in the paper; ``cl_select: pseudo_label``).
 
         Returns:
-            ``(pos_idx, neg_idx)``, each (k,) long indices into ``features`` (fewer when ``members`` leaves fewer).
+            ``(pos_idx, neg_idx)``, each (k,) long indices into ``features``, ``k = min(top_k, q)``.
         """
         with torch.no_grad():
             cos = F.normalize(features.float(), dim=1) @ F.normalize(anchors.float(), dim=1).T  # (q, p), eq. 11
             score = cos.sum(dim=1)  # sum_i cos(b_j, a_i)
             far = anchors.shape[0] - score  # sum_i (1 - cos)
-            if members is not None:
-                score = score.masked_fill(~members, float("-inf"))
-                far = far.masked_fill(members, float("-inf"))
-                k_pos, k_neg = (min(self.top_k, int(n)) for n in (members.sum(), (~members).sum()))
-            else:
-                k_pos = k_neg = min(self.top_k, features.shape[0])
-            pos_idx = torch.topk(score, k_pos).indices  # eq. 12
-            neg_idx = torch.topk(far, k_neg).indices  # eq. 13
+            k = min(self.top_k, features.shape[0])
+            pos_idx = torch.topk(score, k).indices  # eq. 12
+            neg_idx = torch.topk(far, k).indices  # eq. 13
         return pos_idx, neg_idx
 
-    def forward(
-        self,
-        anchors: Sequence[Optional[torch.Tensor]],
-        features: torch.Tensor,
-        pseudo_labels: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, anchors: Sequence[Optional[torch.Tensor]], features: torch.Tensor) -> torch.Tensor:
         """Compute ``L_cl``.
 
         Args:
             anchors: length-C sequence; entry ``gamma`` is (p, d) anchors of class ``gamma`` or None (skipped).
             features: (q, d) unlabeled CS projected features ``b``.
-            pseudo_labels: None (the paper's selection), or (q,) integer pseudo-label of each feature: class
-                ``gamma``'s positives come from the features labeled ``gamma`` and its negatives from the others
-                (:meth:`select`); a class without either is skipped.
 
         Returns:
             0-d tensor, the mean of eq. 14 over classes, anchors and positives.
@@ -229,13 +207,10 @@ class ContrastiveLabelPropagationLoss(nn.Module):
         b = F.normalize(features.float(), dim=1)
         total = features.new_zeros((), dtype=torch.float32)
         count = 0
-        for gamma, a in enumerate(anchors):
+        for a in anchors:
             if a is None or a.shape[0] == 0 or features.shape[0] == 0:
                 continue
-            members = None if pseudo_labels is None else pseudo_labels.reshape(-1) == gamma
-            pos_idx, neg_idx = self.select(a, features, members)
-            if pos_idx.numel() == 0 or neg_idx.numel() == 0:
-                continue
+            pos_idx, neg_idx = self.select(a, features)
             a_n = F.normalize(a.float(), dim=1)
             pos = a_n @ b[pos_idx].T / self.tau  # (p, k): cos(a_i, b_j) / tau, b_j positive
             neg = a_n @ b[neg_idx].T / self.tau  # (p, k): cos(a_i, b_n) / tau, b_n negative
@@ -262,20 +237,14 @@ class ContrastiveLabelPropagation(nn.Module):
 
     Args:
         cs_head: CS projection head (``ProjectionHead``: 1x1 convolutions), trained through ``L_cl``.
-        ds_head: DS projection head; its projections only fill the bank (no gradient). It may be ``cs_head`` itself:
-            one head shared by both networks.
+        ds_head: DS projection head; its projections only fill the bank (no gradient).
         memory_bank: the per-class queue of DS projections.
         tau, top_k: temperature and ``k`` of eq. 12-14.
         num_anchors: ``p``, anchors per class sampled from the bank.
         num_unlabeled: ``q``, unlabeled CS features sampled per iteration.
         samples_per_class: correctly predicted labeled voxels enqueued per class per iteration and rank.
         min_bank: classes with fewer bank entries are skipped (default ``num_anchors``).
-        select: ``"similarity"`` (eq. 12-13: positives and negatives by similarity to the anchors alone) or
-            ``"pseudo_label"`` (positives among the voxels whose pseudo-label is the anchors' class, negatives among
-            the others; not in the paper): ``forward`` then needs ``pseudo_labels``.
     """
-
-    SELECTIONS = ("similarity", "pseudo_label")
 
     def __init__(
         self,
@@ -288,12 +257,8 @@ class ContrastiveLabelPropagation(nn.Module):
         num_unlabeled: int = 4096,
         samples_per_class: int = 256,
         min_bank: Optional[int] = None,
-        select: str = "similarity",
     ) -> None:
         super().__init__()
-        if select not in self.SELECTIONS:
-            raise ValueError(f"cl_select must be one of {', '.join(self.SELECTIONS)}, got {select!r}.")
-        self.selection = select
         self.cs_head, self.ds_head, self.memory_bank = cs_head, ds_head, memory_bank
         self.loss = ContrastiveLabelPropagationLoss(tau=tau, top_k=top_k)
         self.num_anchors, self.num_unlabeled = int(num_anchors), int(num_unlabeled)
@@ -308,7 +273,6 @@ class ContrastiveLabelPropagation(nn.Module):
         cs_feat_u: torch.Tensor,
         generator: torch.Generator,
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-        pseudo_labels_u: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Update the bank and return ``L_cl`` (0-d).
 
@@ -319,11 +283,7 @@ class ContrastiveLabelPropagation(nn.Module):
             cs_feat_u: (b_u, F, *S) CS decoder features of the unlabeled images.
             generator: the iteration's generator (every draw is a function of seed and iteration).
             autocast: context in which the heads run (the trainer's mixed precision).
-            pseudo_labels_u: (b_u, 1, *S) integer pseudo-labels of the unlabeled images; used (and required) with
-                ``select="pseudo_label"`` only.
         """
-        if self.selection == "pseudo_label" and pseudo_labels_u is None:
-            raise ValueError("cl_select: pseudo_label needs the unlabeled images' pseudo-labels (pseudo_labels_u).")
         with torch.no_grad():  # the bank is detached: the DS head gets no gradient
             labels = y.reshape(-1)
             correct = class_argmax(ds_logits_l).reshape(-1) == labels
@@ -335,16 +295,15 @@ class ContrastiveLabelPropagation(nn.Module):
                     idx = idx[: self.samples_per_class]
                 chosen.append(idx)
             idx = torch.cat(chosen)
-            feats = project_voxels(self.ds_head, ds_feat_l, idx, autocast)
+            feats = _project_voxels(self.ds_head, ds_feat_l, idx, autocast)
             self.memory_bank.enqueue(all_gather_variable(feats), all_gather_variable(labels[idx]))
             anchors = self.memory_bank.sample(self.num_anchors, generator=generator, min_count=self.min_bank)
         voxels = cs_feat_u.shape[0] * cs_feat_u[0, 0].numel()
         pick = torch.randperm(voxels, generator=generator, device=cs_feat_u.device)[: self.num_unlabeled]
-        labels_u = pseudo_labels_u.reshape(-1)[pick] if self.selection == "pseudo_label" else None
-        return self.loss(anchors, project_voxels(self.cs_head, cs_feat_u, pick, autocast), labels_u)
+        return self.loss(anchors, _project_voxels(self.cs_head, cs_feat_u, pick, autocast))
 
 
-def project_voxels(
+def _project_voxels(
     head: nn.Module, features: torch.Tensor, index: torch.Tensor, autocast: Callable[[], ContextManager]
 ) -> torch.Tensor:
     """Projections of the voxels ``index`` (flat over batch and space) of ``features`` (B, F, *S): (n, d).

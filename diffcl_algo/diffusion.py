@@ -11,9 +11,6 @@ from torch import nn
 __all__ = ["DiffusionSegmenter", "GaussianDiffusion"]
 
 SCHEDULES = ("cosine", "linear")
-#: how a one-hot map becomes the diffused signal ``Y_0``: ``unit`` = ``scale * Y`` (the paper: ``Y`` in {0, 1});
-#: ``symmetric`` = ``scale * (2 Y - 1)`` (in {-scale, scale}, GenericSSL's and bit diffusion's labels)
-LABEL_SIGNALS = ("unit", "symmetric")
 
 
 def _randn(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -36,31 +33,20 @@ class GaussianDiffusion:
     - ``"linear"`` (Ho et al. 2020): betas linear from ``1e-4 * 1000 / T`` to ``0.02 * 1000 / T`` (DDPM's
       values at ``T = 1000``, scaled as Improved DDPM does for other ``T``), clipped at 0.999.
 
-    The diffused signal is :meth:`encode` of the one-hot map: ``label_signal="unit"`` (the paper) keeps it in
-    ``{0, 1}``, ``"symmetric"`` maps it to ``{-1, 1}``; ``label_scale`` multiplies it (a larger signal keeps more of
-    the label at a given ``t``, a smaller one less).
+    The diffused signal ``Y_0`` is the one-hot map itself (the paper: values in ``{0, 1}``).
 
     Args:
         timesteps: number of diffusion steps ``T``.
         schedule: ``"cosine"`` or ``"linear"``.
-        label_signal: ``"unit"`` or ``"symmetric"`` (:data:`LABEL_SIGNALS`).
-        label_scale: factor of the signal (> 0).
 
     Attributes:
         betas: (T,) float64, ``betas[t - 1]`` is beta_t.
         alphas_cumprod: (T + 1,) float64, ``abar_t`` indexed by ``t`` in 0..T.
     """
 
-    def __init__(
-        self, timesteps: int = 1000, schedule: str = "cosine", label_signal: str = "unit", label_scale: float = 1.0
-    ) -> None:
+    def __init__(self, timesteps: int = 1000, schedule: str = "cosine") -> None:
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-        if label_signal not in LABEL_SIGNALS or not float(label_scale) > 0:
-            raise ValueError(
-                f"label_signal must be one of {LABEL_SIGNALS} and label_scale > 0, got {label_signal!r}, {label_scale}"
-            )
-        self.label_signal, self.label_scale = label_signal, float(label_scale)
         if schedule == "cosine":
             betas = NoiseSchedules["cosine"](timesteps)[0]
         elif schedule == "linear":
@@ -72,11 +58,6 @@ class GaussianDiffusion:
         self.schedule = schedule
         self.betas = betas.double().clamp(0.0, 0.999)
         self.alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - self.betas, 0)])
-
-    def encode(self, probs: torch.Tensor) -> torch.Tensor:
-        """The diffused signal ``Y_0`` of a one-hot map or of class probabilities (B, C, *S) (class docstring)."""
-        signal = 2.0 * probs - 1.0 if self.label_signal == "symmetric" else probs
-        return self.label_scale * signal
 
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` for timesteps ``t`` (B,), shaped (B, 1, ..., 1) to broadcast over ``like`` (B, C, *S)."""
@@ -145,12 +126,10 @@ class GaussianDiffusion:
 
         Timesteps ``tau_1 < ... < tau_S = T`` are ``round(i T / S)``; ``tau_0 = 0`` (``abar = 1``). Starting from
         ``Y_T ~ N(0, I)`` of shape (B, num_classes, *S), each step calls ``model(x, Y_t, t)`` -> logits and sets
-        ``x0_hat = encode(softmax(logits))`` (the clean signal's estimate), ``eps_hat = (Y_t - sqrt(abar_t) x0_hat) /
+        ``x0_hat = softmax(logits)`` (the clean signal's estimate), ``eps_hat = (Y_t - sqrt(abar_t) x0_hat) /
         sqrt(1 - abar_t)`` (eq. 3 solved for eps) and, with ``s = tau_{i-1}``,
         ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)``,
         ``Y_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z`` (eq. 2 for ``eta = 0``).
-        A self-conditioned model (its ``self_condition`` attribute, or its DDP ``module``'s, is True) also gets
-        ``self_cond=`` the previous step's ``x0_hat`` (zeros at the first step; Chen et al., "Analog Bits").
         The model's train/eval mode is left as the caller set it; gradients are disabled.
 
         Args:
@@ -172,13 +151,10 @@ class GaussianDiffusion:
         taus = torch.linspace(0, self.timesteps, steps + 1, dtype=torch.float64).round().long().tolist()
         batch = x.shape[0]
         y = _randn((batch, num_classes, *x.shape[2:]), x, generator)
-        self_conditioned = bool(getattr(getattr(model, "module", model), "self_condition", False))
-        x0_hat = torch.zeros_like(y)
         for t, s in zip(reversed(taus[1:]), reversed(taus[:-1])):
             t_batch = torch.full((batch,), t, dtype=torch.long, device=x.device)
-            logits = model(x, y, t_batch, self_cond=x0_hat) if self_conditioned else model(x, y, t_batch)
-            probs = torch.softmax(logits, dim=1)
-            x0_hat = self.encode(probs)
+            probs = torch.softmax(model(x, y, t_batch), dim=1)
+            x0_hat = probs
             abar_t = float(self.alphas_cumprod[t])
             abar_s = float(self.alphas_cumprod[s])
             eps_hat = (y - abar_t**0.5 * x0_hat) / (1.0 - abar_t) ** 0.5

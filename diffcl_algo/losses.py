@@ -12,12 +12,9 @@ The contrastive label propagation loss (eq. 11-15) lives with its memory bank in
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, MaskedDiceLoss
-from monai.networks.utils import one_hot
+from monai.losses import DiceLoss
 from torch import nn
 
 __all__ = ["DiceCELoss", "class_argmax"]
@@ -57,8 +54,6 @@ class DiceCELoss(nn.Module):
             smooth_dr=smooth_dr,
         )
         self.dice = DiceLoss(to_onehot_y=True, **options)
-        # the target is one-hot encoded before masking, so masked voxels count in no class
-        self.masked_dice = MaskedDiceLoss(to_onehot_y=False, **options)
 
     def forward(
         self,
@@ -66,7 +61,6 @@ class DiceCELoss(nn.Module):
         target: torch.Tensor,
         ce_weight: float,
         dice_weight: float = 1.0,
-        mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Compute the pair.
 
@@ -75,8 +69,6 @@ class DiceCELoss(nn.Module):
             target: (B, 1, *S) or (B, *S) integer class map (ground truth or a detached argmax pseudo-label).
             ce_weight: weight of the cross-entropy term (``beta`` or ``lambda``).
             dice_weight: weight of the Dice term.
-            mask: optional (B, 1, *S) 0/1 map of the voxels that count (e.g. confident pseudo-labels); both terms
-                then use only those voxels (``monai.losses.MaskedDiceLoss``, CE averaged over the mask).
 
         Returns:
             0-d tensor ``dice_weight * D + ce_weight * E``; both terms averaged over voxels/classes.
@@ -85,14 +77,8 @@ class DiceCELoss(nn.Module):
             target = target.unsqueeze(1)
         target = target.long()
         logits = logits.float()
-        if mask is None:
-            dice = self.dice(logits, target) * dice_weight
-            ce = F.cross_entropy(logits, target[:, 0]) if ce_weight else 0.0
-        else:
-            mask = mask.float()
-            dice = self.masked_dice(logits, one_hot(target, logits.shape[1]), mask) * dice_weight
-            ce_map = F.cross_entropy(logits, target[:, 0], reduction="none") if ce_weight else None
-            ce = 0.0 if ce_map is None else (ce_map * mask[:, 0]).sum() / mask.sum().clamp_min(1.0)
+        dice = self.dice(logits, target) * dice_weight
+        ce = F.cross_entropy(logits, target[:, 0]) if ce_weight else 0.0
         return dice if not ce_weight else dice + ce_weight * ce
 
 

@@ -6,7 +6,6 @@
 * Epochs are defined in iterations (the paper never says what an epoch is):
   ``epoch_length = ceil(num_unlabeled / (unlabeled_batch_size * world_size))``, i.e. one pass over the
   unlabeled cases, and the ramp reads the *continuous* epoch ``iteration / epoch_length``.
-* ``poly_lr``: the field's optional polynomial learning-rate decay (SSL4MIS: ``lr0 * (1 - it / max_it)^0.9``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ __all__ = [
     "resolve_hyperparams",
     "epoch_length",
     "continuous_epoch",
-    "poly_lr",
 ]
 
 
@@ -207,9 +205,3 @@ def epoch_length(num_unlabeled: int, unlabeled_batch_size: int, world_size: int 
 def continuous_epoch(iteration: int, iterations_per_epoch: int) -> float:
     """Continuous epoch ``t = iteration / epoch_length`` read by the ramp (``iteration`` = completed iterations)."""
     return float(iteration) / float(iterations_per_epoch)
-
-
-def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
-    """Polynomial decay ``base_lr * (1 - iteration / max_iterations) ** power`` (SSL4MIS convention)."""
-    frac = min(max(iteration / max(max_iterations, 1), 0.0), 1.0)
-    return float(base_lr) * (1.0 - frac) ** power

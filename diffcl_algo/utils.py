@@ -20,8 +20,10 @@ import contextlib
 import enum
 import glob
 import os
+import sys
 import tempfile
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -29,13 +31,17 @@ import torch.distributed as dist
 import yaml
 
 __all__ = [
+    "USER_ERRORS",
     "SeedStream",
+    "cause_line",
     "as_bool",
     "atomic_write",
     "config_error_cause",
     "derive_seed",
+    "install_cause_hook",
     "is_main_process",
     "is_null",
+    "one_line",
     "parse_overrides",
     "parse_value",
     "rank_world",
@@ -181,3 +187,47 @@ def config_error_cause(error: BaseException) -> BaseException:
     ):
         error = error.__cause__
     return error
+
+
+#: Exceptions reported as one line: our own ``DataError`` is a ``ValueError``; missing files are ``OSError``.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (an ``OSError`` also names its file)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return text or type(error).__name__
+
+
+def cause_line(error: BaseException) -> str | None:
+    """``error: <cause>`` for an error that MONAI's config wrappers hide, None when ``error`` is its own cause.
+
+    A user error (:data:`USER_ERRORS`) is its message in one line; any other cause (a bug) is also named by its type.
+    """
+    cause = config_error_cause(error)
+    if cause is error:
+        return None
+    text = one_line(cause)
+    return f"error: {text}" if isinstance(cause, USER_ERRORS) else f"error: {type(cause).__name__}: {text}"
+
+
+def print_cause_hook(exc_type: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+    """``sys.excepthook``: the traceback as before, then :func:`cause_line` (if any) as the last line of stderr."""
+    _previous_hook(exc_type, error, traceback)
+    line = cause_line(error)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+
+
+_previous_hook = sys.excepthook
+
+
+def install_cause_hook() -> None:
+    """Make :func:`print_cause_hook` the process's ``sys.excepthook`` (once; the previous hook still prints the
+    traceback)."""
+    global _previous_hook
+    if sys.excepthook is not print_cause_hook:
+        _previous_hook = sys.excepthook
+        sys.excepthook = print_cause_hook

@@ -43,23 +43,22 @@ from gpu_paper_scale import ENV_REPORT, Clock, add_device_arguments, install_whe
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 1280  # cpu.yaml's max_iterations
-MONITOR = "monitor_pseudo_labels=true"
-#: name -> (la_cpu row, bundle overrides, DDIM steps of the DS-from-noise evaluation)
+#: name -> (la_cpu row, bundle overrides, DDIM steps of the DS-from-noise evaluation, pseudo-label monitor)
 ROWS = {
-    "sup": ("sup", "", 0),
-    "full": ("full", MONITOR, 10),
-    "full_cp": ("full", f"{MONITOR} copy_paste=0.667", 10),
-    "cps": ("cps", MONITOR, 0),
-    "cps_hfm": ("cps_hfm", MONITOR, 0),
-    "reference": ("reference", "normalize_intensity=true", 0),
+    "sup": ("sup", "", 0, False),
+    "sup_avg": ("sup_avg", "", 0, False),
+    "full": ("full", "", 10, True),
+    "cps": ("cps", "", 0, True),
+    "cps_hfm": ("cps_hfm", "", 0, True),
+    "reference": ("reference", "normalize_intensity=true", 0, False),
 }
 #: the default plan, in priority order: (name, labeled, seeds, fold)
 PLAN = (
-    ("sup", 4, (0, 1, 2), 0), ("full", 4, (0, 1, 2), 0), ("full_cp", 4, (0, 1, 2), 0),
-    ("sup", 8, (0, 1, 2), 0), ("full", 8, (0, 1, 2), 0), ("full_cp", 8, (0, 1, 2), 0),
-    ("sup", 4, (0, 1, 2), 1), ("full", 4, (0, 1, 2), 1), ("full_cp", 4, (0, 1, 2), 1),
+    ("sup_avg", 4, (0, 1, 2), 0), ("full", 4, (0, 1, 2), 0), ("sup", 4, (0, 1, 2), 0),
+    ("sup_avg", 8, (0, 1, 2), 0), ("full", 8, (0, 1, 2), 0), ("sup", 8, (0, 1, 2), 0),
+    ("sup_avg", 4, (0, 1, 2), 1), ("full", 4, (0, 1, 2), 1), ("sup", 4, (0, 1, 2), 1),
     ("cps", 4, (0, 1, 2), 0), ("cps_hfm", 4, (0, 1, 2), 0), ("reference", 4, (0, 1, 2), 0),
-    ("sup", 8, (0, 1, 2), 1), ("full", 8, (0, 1, 2), 1), ("full_cp", 8, (0, 1, 2), 1),
+    ("sup_avg", 8, (0, 1, 2), 1), ("full", 8, (0, 1, 2), 1), ("sup", 8, (0, 1, 2), 1),
 )  # fmt: skip
 ITER_LINE = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+)")
 
@@ -75,10 +74,11 @@ def job_key(job: dict[str, Any]) -> str:
 
 def job_command(job: dict[str, Any], root: Path, extra: str = "") -> list[str]:
     """``la_cpu.py run`` of one job; ``extra``: overrides added to the row's own."""
-    row, overrides, ds_steps = ROWS[job["name"]]
+    row, overrides, ds_steps, monitor = ROWS[job["name"]]
     return [sys.executable, str(REPO / "experiments/la_cpu.py"), "run", row, "--num_labeled", str(job["labeled"]),
             "--seed", str(job["seed"]), "--fold", str(job["fold"]), "--root", str(root), "--name", job["name"],
-            "--set", f"{overrides} {extra}".strip(), "--ds_eval_steps", str(ds_steps)]  # fmt: skip
+            "--set", f"{overrides} {extra}".strip(), "--ds_eval_steps", str(ds_steps),
+            *(["--monitor"] if monitor else [])]  # fmt: skip
 
 
 def iterations_done(run_dir: Path) -> int:

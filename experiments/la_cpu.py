@@ -8,17 +8,19 @@ workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mea
     python experiments/la_cpu.py run sup --num_labeled 8 --seed 0 --set "sup_loss=field dropout=0.5"
     python experiments/la_cpu.py table --rows "reference sup"
     python experiments/la_cpu.py cases --rows "reference sup" --num_labeled 8 --seed 0
+    python experiments/la_cpu.py run full --num_labeled 8 --seed 0 --monitor    # + experiments/monitor.yaml
     python experiments/la_cpu.py monitor --rows "full cps" --num_labeled 8 --seed 0
     python experiments/la_cpu.py run full --num_labeled 4 --seed 1 --fold 2      # report on the 3rd block from the end
     python experiments/la_cpu.py compare full sup --num_labeled 4               # paired, over every seed and fold
     python experiments/la_cpu.py average full_ema --num_labeled 4 --seed 0     # an ema_decay run's student, too
 
-Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``) and the Table 6 rows
-``sup``, ``cps``, ``cps_hfm``, ``full`` of the bundle; ``--set`` adds bundle overrides (``id=value`` pairs) and
-``--name`` names the result folder (default: the row). ``--fold k`` rotates the report split (``report_fold``:
-the k-th block of 16 cases from the end of train.list; 5 folds report on every case once); its results go to
-``l<labeled>_s<seed>_f<k>`` (fold 0: ``l<labeled>_s<seed>``). ``compare`` pairs two rows case by case over every
-seed and fold both have.
+Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``), the Table 6 rows ``sup``
+(classic: no weight average), ``cps``, ``cps_hfm``, ``full`` of the bundle, and ``sup_avg`` (supervised-only with the
+same weight average as the Diff-CL rows, the fair baseline); ``--monitor`` attaches ``experiments/monitor.yaml`` (the
+pseudo-label monitor) to a training run; ``--set`` adds bundle overrides (``id=value`` pairs) and ``--name`` names the
+result folder (default: the row). ``--fold k`` rotates the report split (``report_fold``: the k-th block of 16 cases
+from the end of train.list; 5 folds report on every case once); its results go to ``l<labeled>_s<seed>_f<k>`` (fold 0:
+``l<labeled>_s<seed>``). ``compare`` pairs two rows case by case over every seed and fold both have.
 """
 
 from __future__ import annotations
@@ -44,17 +46,20 @@ from reference_supervised import train_reference  # noqa: E402
 
 TRAIN = [str(REPO / "bundles/la/configs/train.yaml"), str(REPO / "bundles/la/configs/cpu.yaml")]
 EVALUATE = [str(REPO / "bundles/la/configs/evaluate.yaml"), str(REPO / "bundles/la/configs/cpu.yaml")]
-#: Table 6 rows as bundle switches; supervised-only is the classic one, without the default mean teacher's average.
-NO_TEACHER = {"ema_decay": "0.0", "ema_pseudo_labels": "false"}
+MONITOR = str(REPO / "experiments/monitor.yaml")
+#: evaluation of ``reference``: its network (plain V-Net stages, no HF-Mamba)
+REFERENCE_EVAL = str(REPO / "experiments/reference.yaml")
+#: Table 6 rows as bundle switches; ``sup`` is the classic supervised-only row, without the weight average.
+SUPERVISED = {"use_cps": "false", "use_hfm": "false", "use_cl": "false"}
 ROWS = {
-    "sup": {"use_cps": "false", "use_hfm": "false", "use_cl": "false", **NO_TEACHER},
+    "sup": {**SUPERVISED, "ema_decay": "0.0"},
+    "sup_avg": SUPERVISED,
     "cps": {"use_cps": "true", "use_hfm": "false", "use_cl": "false"},
     "cps_hfm": {"use_cps": "true", "use_hfm": "true", "use_cl": "false"},
     "full": {"use_cps": "true", "use_hfm": "true", "use_cl": "true"},
 }
 #: Network / data ids that evaluation must share with training.
-SHARED_IDS = ("use_hfm", "hfm_stages", "hfm_layer_scale", "residual", "normalize_intensity", "n_filters", "norm",
-              "dataset_dir", "report_fold", "label_signal", "label_scale", "ds_self_condition")  # fmt: skip
+SHARED_IDS = ("use_hfm", "hfm_stages", "normalize_intensity", "n_filters", "dataset_dir", "report_fold")
 METRICS = ("dice", "jaccard", "hd95", "asd")
 #: What ``average`` scores besides ``last``: the student's own weights, the average with the student's BN statistics.
 AVERAGE_KINDS = ("student", "average_student_bn")
@@ -128,32 +133,34 @@ def run(
     root: str = "runs/cpu",
     fold: int = 0,
     ds_eval_steps: int = 0,
+    monitor: bool = False,
 ) -> None:
     """Train one row and score its last and selected weights on the report split (``summary.json``); with
-    ``ds_eval_steps`` also the DS's last weights alone (``ds_last``: DDIM from pure noise, that many steps)."""
+    ``ds_eval_steps`` also the DS's last weights alone (``ds_last``: DDIM from pure noise, that many steps); with
+    ``monitor`` the training logs its pseudo-labels' Dice against the hidden labels (``experiments/monitor.yaml``)."""
     extra = _parse_set(set)
     run_dir = REPO / root / (name or row) / run_folder(num_labeled, seed, fold)
     run_dir.mkdir(parents=True, exist_ok=True)
     common = _common(num_labeled, seed, fold, extra)
-    weights = {}
+    weights, evaluate = {}, EVALUATE
     if row == "reference":
         weights["last"] = Path(train_reference(TRAIN, str(run_dir), overrides=common))
-        shared = {"use_hfm": "false", "residual": "false"}
+        evaluate = [*EVALUATE, REFERENCE_EVAL]
     elif row in ROWS:
-        _bundle("training", TRAIN, {**ROWS[row], **common, "output_dir": str(run_dir)}, run_dir / "train.out")
+        train = [*TRAIN, MONITOR] if monitor else TRAIN
+        _bundle("training", train, {**ROWS[row], **common, "output_dir": str(run_dir)}, run_dir / "train.out")
         weights["last"], weights["selected"] = _last_weights(run_dir), run_dir / "model.pt"
         if ds_eval_steps and row != "sup":
             weights["ds_last"] = _last_weights(run_dir, "ds_network")
-        shared = {}
     else:
         raise ValueError(f"unknown row {row!r}; known: reference, {', '.join(ROWS)}")
-    shared = {**_shared(row, common), **shared}
+    shared = _shared(row, common)
     summary = {"row": row, "name": name or row, "num_labeled": num_labeled, "seed": seed, "fold": fold,
                "overrides": extra}  # fmt: skip
     for kind, path in weights.items():
         eval_dir = run_dir / f"eval_{kind}"
         ds = {"eval_network": "ds", "ds_eval_steps": ds_eval_steps, "seed": seed} if kind == "ds_last" else {}
-        _bundle("evaluating", EVALUATE, {**shared, **ds, "ckpt_path": str(path), "output_dir": str(eval_dir)},
+        _bundle("evaluating", evaluate, {**shared, **ds, "ckpt_path": str(path), "output_dir": str(eval_dir)},
                 run_dir / f"eval_{kind}.out")
         summary[kind] = _scores(eval_dir)
     state_file = run_dir / "train_state.pt"
@@ -238,13 +245,21 @@ def _by_seed(
     return out
 
 
-def compare(a: str, b: str, num_labeled: int = 8, weights: str = "last", root: str = "runs/cpu") -> str:
-    """Paired comparison of rows ``a`` and ``b`` on the cases and seeds both have (every fold pooled).
+def compare(
+    a: str, b: str = "sup_avg sup", num_labeled: int = 8, weights: str = "last", root: str = "runs/cpu"
+) -> str:
+    """Paired comparison of row ``a`` with each row of ``b`` (space-separated; by default both supervised-only rows:
+    with the same weight average as Diff-CL, the fair baseline, and the classic one), on the cases and seeds both
+    have (every fold pooled).
 
     Per seed: the mean Dice over the shared cases (mean +- sample std over seeds, and the difference per seed); per
-    case: the difference ``a - b`` averaged over seeds: cases better / worse / equal and the two-sided Wilcoxon
-    signed-rank test of those differences (scipy).
+    case: the difference ``a - b`` averaged over seeds: cases better / worse / equal, the mean and median difference
+    and the two-sided Wilcoxon signed-rank test of those differences (scipy).
     """
+    return "\n\n".join(_compare(a, row, num_labeled, weights, root) for row in str(b).split())
+
+
+def _compare(a: str, b: str, num_labeled: int, weights: str, root: str) -> str:
     from scipy.stats import wilcoxon
 
     da, db = _by_seed(a, num_labeled, weights, root), _by_seed(b, num_labeled, weights, root)

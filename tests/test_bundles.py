@@ -31,11 +31,11 @@ SMALL_TRAIN = {
     "max_iterations": 2,
     "val_interval": 2,
     "progress": False,
-    "head_dim": 16,
-    "cl_num_anchors": 16,
-    "cl_num_unlabeled": 512,
-    "cl_top_k": 32,
-    "bank_samples_per_class": 64,
+    "nets#cs_head_def#out_channels": 16,
+    "nets#contrastive_def#num_anchors": 16,
+    "nets#contrastive_def#num_unlabeled": 512,
+    "nets#contrastive_def#top_k": 32,
+    "nets#contrastive_def#samples_per_class": 64,
 }
 # per bundle: synthetic cases, labeled cases and Table 2 row (None: defaults, the row needs more cases)
 SETTINGS = {"la": (8, 4, "LA"), "brats": (6, 2, None), "pancreas": (10, 6, "Pancreas")}
@@ -168,46 +168,6 @@ def test_cli_ablation_switches_build_the_ablated_graph(datasets, tmp_path):
     assert list(full.parser.get_parsed_content("network_def").hfm) == ["5"]
 
 
-def test_shared_projection_head_is_trained_and_embeds_the_bank(datasets, tmp_path):
-    wf = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
-                   cl_shared_head="true", **SMALL_TRAIN)  # fmt: skip
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    head = trainer.contrastive.cs_head
-    assert trainer.contrastive.ds_head is head
-    ds_params = {id(p) for g in trainer.ds_optimizer.param_groups for p in g["params"]}
-    cs_params = {id(p) for g in trainer.cs_optimizer.param_groups for p in g["params"]}
-    assert all(id(p) in cs_params and id(p) not in ds_params for p in head.parameters())
-    before = [p.detach().clone() for p in head.parameters()]
-    _run(wf)
-    assert any(not torch.equal(b, p) for b, p in zip(before, head.parameters()))
-    assert int(trainer.contrastive.memory_bank.count.sum()) > 0
-    separate = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
-                         **SMALL_TRAIN)  # fmt: skip
-    contrastive = separate.parser.get_parsed_content("train#trainer").contrastive
-    assert contrastive.ds_head is not contrastive.cs_head
-
-
-def test_pseudo_label_selection_reaches_the_contrastive_loss(datasets, tmp_path):
-    wf = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
-                   cl_select="pseudo_label", **SMALL_TRAIN)  # fmt: skip
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.contrastive.selection == "pseudo_label"
-    calls = []
-    forward = trainer.contrastive.loss.forward
-
-    def spy(anchors, features, pseudo_labels=None):
-        calls.append(pseudo_labels)
-        return forward(anchors, features, pseudo_labels)
-
-    trainer.contrastive.loss.forward = spy
-    _run(wf)
-    q = trainer.contrastive.num_unlabeled
-    assert calls and all(labels is not None and labels.numel() == q for labels in calls)  # one per picked voxel
-    paper = _workflow("la", "train", dataset_dir=datasets["la"], output_dir=str(tmp_path), num_labeled=4,
-                      **SMALL_TRAIN)  # fmt: skip
-    assert paper.parser.get_parsed_content("train#trainer").contrastive.selection == "similarity"
-
-
 def test_la_holdout_split_and_resume(datasets, tmp_path):
     import shutil
 
@@ -249,8 +209,7 @@ def _cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
 
 TINY_CLI = [
     "--max_iterations", "2", "--val_interval", "2", "--num_labeled", "4",
-    "--patch_size", "[32, 32, 16]", "--strides", "[16, 16, 8]", "--n_filters", "4", "--head_dim", "16",
-    "--cl_num_anchors", "16", "--cl_num_unlabeled", "512", "--cl_top_k", "32", "--device", "cpu",
+    "--patch_size", "[32, 32, 16]", "--strides", "[16, 16, 8]", "--n_filters", "4", "--device", "cpu",
     "--progress", "false", "--use_cl", "false",
 ]  # fmt: skip
 

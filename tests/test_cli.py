@@ -85,6 +85,33 @@ def test_run_help_lists_the_configs_options(capsys):
     out = capsys.readouterr().out
     assert f"options of {LA}/train.yaml" in out
     assert "--num_labeled 8    # first N training cases keep their label" in out
+    assert "  --max_iterations $int(@num_epochs) * @train#epoch_length\n" in out  # MONAI's '#' is not a comment
+
+
+def test_run_help_shows_whole_values_and_comments(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "steps: $int(@epochs) * @train#epoch_length\n"
+        "name: 'a # b'                 # quoted: its '#' is text\n"
+        "scale: null                   # first line of the comment (0.0: starts\n"
+        "                              #   as the plain one; null: as printed)\n"
+        "# a section comment\n"
+        "rate: 0.1  # one line\n"
+        "                # not this (another column)\n"
+        "common:\n"
+        "  nested: 1\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["run", "--help", "--config_file", str(config)])
+    lines = capsys.readouterr().out.splitlines()
+    options = lines[lines.index(f"options of {config} (--<id> <value>):") + 1 :]
+    assert options[:4] == [
+        "  --steps $int(@epochs) * @train#epoch_length",
+        "  --name 'a # b'    # quoted: its '#' is text",
+        "  --scale null    # first line of the comment (0.0: starts as the plain one; null: as printed)",
+        "  --rate 0.1    # one line",
+    ]
+    assert not any("nested" in line or "common" in line for line in options)
 
 
 def test_misspelled_override_stops_at_start(tmp_path, capsys):

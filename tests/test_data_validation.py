@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffcl_algo.data import DataError, la_datalist, validate_cases
+from diffcl_algo.data.splits import CaseSplits, inference_cases
 
 SHAPE = (12, 10, 8)
 
@@ -141,3 +142,36 @@ def test_empty_label_warns_and_all_problems_reported(tmp_path):
     bad2 = _la_case(tmp_path, "bad2", datasets=("image",))
     message = _fails([_entry(good), _entry(bad1), _entry(bad2)], "2 of 3 cases failed validation")
     assert str(bad1) in message and str(bad2) in message and str(good) not in message
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())  # as the command line prints it
+
+
+def test_messages_read_as_separate_clauses(tmp_path):
+    """On one line, each problem and the closing 'expected ...' are separated (never 'does not exist expected')."""
+    missing, bad = tmp_path / "a.h5", _la_case(tmp_path, "bad", datasets=("image",))
+    message = _one_line(_fails([_entry(missing), _entry(bad)], "2 of 2 cases failed validation"))
+    assert f"{missing}: file does not exist; {bad}: missing h5 dataset(s) ['label']" in message
+    assert "; expected: 3D 'image' (float, finite) and 'label' (integers in [0, num_classes))" in message
+    root = tmp_path / "LA"
+    _la_case(root, "ok")
+    (root / "train.list").write_text("ok\nnofolder\n")
+    with pytest.raises(DataError) as info:
+        la_datalist(root)
+    assert "'nofolder'); expected layout: <dataset_dir>/2018LA_Seg_Training Set" in _one_line(str(info.value))
+
+
+def test_images_to_segment_are_described_without_labels(tmp_path):
+    """A datalist without labels (inference) is checked as images: the message describes an image file."""
+    missing = tmp_path / "scan.nii.gz"
+    message = _one_line(_fails([{"image": str(missing)}], "1 of 1 cases failed validation"))
+    assert message.endswith(
+        f"{missing}: file does not exist; expected: one 3D image (float, finite) per case to segment: a NIfTI (.nii, "
+        ".nii.gz), NRRD (.nrrd) or h5 file (dataset 'image')"
+    )
+    with pytest.raises(DataError) as info:
+        inference_cases(CaseSplits(tmp_path / "nope", layout="la"))
+    message = str(info.value)
+    assert "pass the folder of the images to segment with --dataset_dir <folder>, or the image files" in message
+    assert "(h5 with a 3D dataset 'image')" in message and "'label'" not in message

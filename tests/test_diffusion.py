@@ -123,21 +123,9 @@ def test_ddim_timesteps_and_oracle() -> None:
         diff.ddim_sample(oracle, torch.zeros(1, 1, 8, 8), 2, steps=0)
 
 
-def test_label_signal_encoding_and_checks() -> None:
-    one_hot = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]).movedim(0, 1)  # (1, 2, 2): classes 1, 0
-    assert torch.equal(GaussianDiffusion(10).encode(one_hot), one_hot)  # the paper's signal is the map itself
-    symmetric = GaussianDiffusion(10, label_signal="symmetric", label_scale=0.5).encode(one_hot)
-    assert torch.equal(symmetric, 0.5 * (2 * one_hot - 1)) and set(symmetric.unique().tolist()) == {-0.5, 0.5}
-    with pytest.raises(ValueError, match="label_signal must be one of"):
-        GaussianDiffusion(10, label_signal="binary")
-    with pytest.raises(ValueError, match="label_scale > 0"):
-        GaussianDiffusion(10, label_scale=0.0)
-
-
-@pytest.mark.parametrize("label_signal", ["unit", "symmetric"])
-def test_ddim_with_a_perfect_x0_model_returns_its_prediction(label_signal: str) -> None:
-    """A model that always predicts the same map: DDIM ends on it whatever the signal form."""
-    diffusion = GaussianDiffusion(50, label_signal=label_signal, label_scale=2.0)
+def test_ddim_with_a_perfect_x0_model_returns_its_prediction() -> None:
+    """A model that always predicts the same map: DDIM ends on it."""
+    diffusion = GaussianDiffusion(50)
     target = torch.zeros(1, 2, 4, 4)
     target[:, 1, :2], target[:, 0, 2:] = 1.0, 1.0
 
@@ -160,22 +148,3 @@ def test_diffusion_segmenter_is_deterministic_log_probabilities() -> None:
         first, second = segmenter(x), segmenter(x)
     assert first.shape == (1, 2, 16, 16, 16) and torch.equal(first, second)  # the same Y_T every call
     assert torch.allclose(first.exp().sum(1), torch.ones(1, 16, 16, 16), atol=1e-5)
-
-
-def test_ddim_feeds_a_self_conditioned_model_its_previous_estimate() -> None:
-    """Analog Bits' sampling: zeros at the first step, then the previous step's clean-signal estimate."""
-    diffusion = GaussianDiffusion(100, label_signal="symmetric")
-    received: list[torch.Tensor] = []
-    logits = [torch.randn(1, 2, 4, 4) for _ in range(3)]
-
-    class SelfConditioned(torch.nn.Module):
-        self_condition = True
-
-        def forward(self, x, y_t, t, self_cond=None):
-            received.append(self_cond.clone())
-            return logits[len(received) - 1]
-
-    diffusion.ddim_sample(SelfConditioned(), torch.zeros(1, 1, 4, 4), num_classes=2, steps=3)
-    assert len(received) == 3 and torch.equal(received[0], torch.zeros(1, 2, 4, 4))
-    for step in (1, 2):
-        torch.testing.assert_close(received[step], diffusion.encode(torch.softmax(logits[step - 1], 1)))

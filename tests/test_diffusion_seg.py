@@ -54,20 +54,3 @@ def test_bad_inputs() -> None:
         net(x, torch.zeros(1, 2, 16, 16, 16), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="time_embed_dim"):
         DiffusionSegNet(time_embed_dim=7)
-
-
-def test_self_condition_input() -> None:
-    """A self-conditioned DS takes its previous estimate as 2 more input channels (zeros when none is given)."""
-    torch.manual_seed(0)
-    net = DiffusionSegNet(3, 1, 2, n_filters=4, time_embed_dim=8, self_condition=True).eval()
-    first_conv = next(m for m in net.vnet.modules() if isinstance(m, torch.nn.Conv3d))
-    assert first_conv.in_channels == 1 + 2 + 2  # image, Y_t, previous estimate
-    x, y_t, t = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 2, 16, 16, 16), torch.tensor([300])
-    with torch.no_grad():
-        default, zeros = net(x, y_t, t), net(x, y_t, t, self_cond=torch.zeros_like(y_t))
-        estimate = net(x, y_t, t, self_cond=torch.rand_like(y_t))
-    assert torch.equal(default, zeros) and not torch.allclose(default, estimate)
-    with pytest.raises(ValueError, match="self_cond must have"):
-        net(x, y_t, t, self_cond=torch.zeros(1, 3, 16, 16, 16))
-    with pytest.raises(ValueError, match="self_condition=False"):
-        DiffusionSegNet(3, 1, 2, n_filters=4, time_embed_dim=8)(x, y_t, t, self_cond=torch.zeros_like(y_t))

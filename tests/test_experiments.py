@@ -42,7 +42,7 @@ def test_reference_and_bundle_rows_scored_on_the_report_split(la_copy, tmp_path)
     la_cpu = _load("la_cpu")
     toy = f"dataset_dir={la_copy} max_iterations=2"
     la_cpu.run("reference", num_labeled=4, seed=0, set=toy, root=str(tmp_path))
-    la_cpu.run("sup", num_labeled=4, seed=1, set=f"{toy} val_interval=1 sup_loss=field", root=str(tmp_path))
+    la_cpu.run("sup", num_labeled=4, seed=1, set=f"{toy} val_interval=1", root=str(tmp_path))
     report = (la_copy / "train.list").read_text().split()[-16:]
     ref = json.loads((tmp_path / "reference" / "l4_s0" / "summary.json").read_text())
     sup = json.loads((tmp_path / "sup" / "l4_s1" / "summary.json").read_text())
@@ -84,7 +84,7 @@ def test_report_fold_run_reports_on_its_block(la_copy, tmp_path):
 def test_average_scores_the_student_and_the_average_with_its_statistics(la_copy, tmp_path):
     la_cpu = _load("la_cpu")
     toy = f"dataset_dir={la_copy} max_iterations=2"
-    la_cpu.run("sup", num_labeled=4, seed=0, fold=1, set=f"{toy} ema_decay=0.5", name="ema", root=str(tmp_path))
+    la_cpu.run("sup_avg", num_labeled=4, seed=0, fold=1, set=f"{toy} ema_decay=0.5", name="ema", root=str(tmp_path))
     means = la_cpu.average("ema", num_labeled=4, seed=0, fold=1, root=str(tmp_path))
     run_dir = tmp_path / "ema" / "l4_s0_f1"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -124,52 +124,24 @@ def test_compare_pairs_cases_over_seeds_and_folds(tmp_path):
     assert "| a | 4 | last | 2 | 4/4 | 0.650 ± 0.000 |" in table  # each seed: its two folds pooled
     with pytest.raises(ValueError, match="share no seed"):
         la_cpu.compare("a", "missing", num_labeled=4, root=str(tmp_path))
+    for seed in (0, 1):  # the default baselines: both supervised-only rows, with and without the weight average
+        for name, d in (("sup_avg", 0.75), ("sup", 0.6)):
+            _summary(tmp_path, name, seed, 0, {"c1": d, "c2": d})
+    both = la_cpu.compare("a", num_labeled=4, root=str(tmp_path)).split("\n\n")
+    assert both[0].startswith("a vs sup_avg, 4 labeled") and both[1].startswith("a vs sup, 4 labeled")
+    assert "mean difference +0.000, median +0.000" in both[0]  # a: 0.8, 0.7 against 0.75 on both cases
 
 
-def test_ds_scored_alone_from_noise(la_copy, tmp_path):
+def test_ds_scored_alone_from_noise_and_the_pseudo_label_monitor(la_copy, tmp_path):
+    """``--ds_eval_steps``: the DS's last weights scored alone; ``--monitor``: the training carries
+    ``experiments/monitor.yaml`` through the stock CLI, and ``monitor`` tabulates its pseudo-label Dice."""
     la_cpu = _load("la_cpu")
-    toy = f"dataset_dir={la_copy} max_iterations=1 use_hfm=false label_signal=symmetric"
-    la_cpu.run("cps", num_labeled=4, seed=0, set=toy, ds_eval_steps=2, root=str(tmp_path))
+    toy = f"dataset_dir={la_copy} max_iterations=2 use_hfm=false"
+    la_cpu.run("cps", num_labeled=4, seed=0, set=toy, ds_eval_steps=2, root=str(tmp_path), monitor=True)
     summary = json.loads((tmp_path / "cps" / "l4_s0" / "summary.json").read_text())
     assert set(summary) >= {"last", "selected", "ds_last"}
     assert sorted(summary["ds_last"]["cases"]) == sorted(summary["last"]["cases"])
     assert "| cps | 4 | ds_last | 1 |" in la_cpu.table(rows="cps", root=str(tmp_path))
-
-
-def test_hfm_magnitude_compares_the_module_output_with_the_features(tmp_path, capsys):
-    root = make_synthetic_dataset(tmp_path / "la", num_cases=3, shape=(52, 50, 34), seed=1)
-    magnitude = _load("hfm_magnitude")
-    torch.manual_seed(0)
-    net = VNet(3, 1, 2, n_filters=4, hfm_stages=(5,), hfm_layer_scale=0.0)
-    with torch.no_grad():
-        net.hfm["5"].scale.gamma.fill_(0.5)
-    torch.save(net.state_dict(), tmp_path / "model.pt")
-    magnitude.main(data=str(root), weights=str(tmp_path / "model.pt"), cases=2, inits=1, n_filters=4)
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("init seed 0, hfm_layer_scale None: ratio ") and float(lines[0].split()[-1]) > 0.1
-    assert lines[1] == "init seed 0, hfm_layer_scale 0.0: ratio 0.000"
-    assert "|gamma| mean 0.500 max 0.500" in lines[2]
-    # the ratio it prints is the one of the module's own output
-    batch = magnitude._patches(str(root), 2)
-    half = magnitude.ratio(net, batch, train=False)
-    with torch.no_grad():
-        net.hfm["5"].scale.gamma.fill_(1.0)
-    assert magnitude.ratio(net, batch, train=False) == pytest.approx(2 * half, rel=1e-4)
-    assert f"ratio {half:.3f}" in lines[2]
-
-
-@pytest.mark.parametrize("select", ["similarity", "pseudo_label"])
-def test_cl_positives_counts_the_hidden_labels_of_the_selection(la_copy, tmp_path, select):
-    la_cpu, cl_positives = _load("la_cpu"), _load("cl_positives")
-    toy = (f"dataset_dir={la_copy} max_iterations=2 ema_decay=0.5 ema_pseudo_labels=true cl_select={select} "
-           "cl_num_anchors=4 cl_num_unlabeled=256 cl_top_k=16")  # fmt: skip
-    la_cpu.run("full", num_labeled=4, seed=0, set=toy, root=str(tmp_path))
-    out = cl_positives.measure(str(tmp_path / "full" / "l4_s0"), batches=2)
-    measured = [c for c, purity in enumerate(out["purity"]) if purity is not None]
-    assert measured  # at least one class reached the bank
-    for c in measured:
-        assert out["cs_right"][c] + out["corrective"][c] == pytest.approx(out["purity"][c], abs=2e-4)
-        assert out["purity"][c] + out["wrong"][c] == pytest.approx(1.0, abs=2e-4)
-        assert 0.0 <= out["neg_true"][c] <= 1.0
-    assert sum(out["share"][c] for c in measured) <= 1.0 + 2e-4
-    assert 0.0 <= out["cs_err_all"] <= 1.0 and 0.0 <= out["teacher_err_all"] <= 1.0
+    logged = la_cpu.monitor(rows="cps", num_labeled=4, seed=0, window=1, root=str(tmp_path)).splitlines()
+    assert logged[1].split()[1:3] == ["pseudo_dice_cs", "pseudo_dice_ds"]
+    assert all(0.0 <= float(v) <= 1.0 for row in logged[2:] for v in row.split()[1:3])

@@ -23,9 +23,10 @@ def test_jobs_follow_the_plan_and_name_la_cpu_folders():
     cmd = gpu_grid.job_command(jobs[2], Path("/r"))
     assert cmd[1].endswith("experiments/la_cpu.py") and cmd[2:4] == ["run", "full"]
     assert cmd[cmd.index("--fold") + 1] == "1" and cmd[cmd.index("--ds_eval_steps") + 1] == "10"
-    assert "monitor_pseudo_labels=true" in cmd[cmd.index("--set") + 1]
+    assert cmd[-1] == "--monitor"  # the full row logs its pseudo-labels (experiments/monitor.yaml)
     dry = gpu_grid.job_command(jobs[0], Path("/r"), "max_iterations=8")
     assert dry[dry.index("--set") + 1] == "max_iterations=8"  # added to the row's own overrides (none for sup)
+    assert "--monitor" not in dry
 
 
 def test_iterations_done_reads_the_last_train_log_line(tmp_path):

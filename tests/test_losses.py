@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcl_algo.contrastive import ClassMemoryBank, ContrastiveLabelPropagation, ContrastiveLabelPropagationLoss
+from diffcl_algo.contrastive import ContrastiveLabelPropagationLoss
 from diffcl_algo.losses import DiceCELoss
-from diffcl_algo.networks import ProjectionHead
 
 
 def _soft_dice(probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -43,35 +42,16 @@ def test_dice_ce_weight_changes_per_call_and_has_grad():
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
-def test_dice_ce_on_a_mask_counts_only_the_masked_voxels():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 2, 6, 6, 4)
-    target = torch.randint(0, 2, (2, 1, 6, 6, 4))
-    loss = DiceCELoss()
-    assert loss(logits, target, 1.0, mask=torch.ones(2, 1, 6, 6, 4)).item() == pytest.approx(
-        loss(logits, target, 1.0).item(), rel=1e-5)
-    mask = torch.zeros(2, 1, 6, 6, 4)
-    mask[..., :2] = 1  # the same as the loss of the first two slices alone
-    inside = loss(logits[..., :2].contiguous(), target[..., :2].contiguous(), 1.0)
-    assert loss(logits, target, 1.0, mask=mask).item() == pytest.approx(inside.item(), rel=1e-5)
-    changed = logits.clone()
-    changed[..., 2:] = 100.0  # voxels outside the mask do not matter
-    assert loss(changed, target, 1.0, mask=mask).item() == pytest.approx(inside.item(), rel=1e-5)
-
-
-def _reference_cl(anchors, b, tau, k, labels=None):
-    """Direct transcription of eq. 11-15 with Python loops (mean over terms); with ``labels``, positives of class
-    ``gamma`` among the features labeled ``gamma`` and negatives among the others."""
+def _reference_cl(anchors, b, tau, k):
+    """Direct transcription of eq. 11-15 with Python loops (mean over terms)."""
     terms = []
-    for gamma, a in enumerate(anchors):
+    for a in anchors:
         if a is None:
             continue
         cos = [[float(F.cosine_similarity(bj, ai, dim=0)) for ai in a] for bj in b]  # eq. 11
         score = [sum(row) for row in cos]
-        members = [j for j in range(len(b)) if labels is None or int(labels[j]) == gamma]
-        others = [j for j in range(len(b)) if labels is None or int(labels[j]) != gamma]
-        pos = sorted(members, key=lambda j: -score[j])[:k]  # eq. 12
-        neg = sorted(others, key=lambda j: -sum(1 - c for c in cos[j]))[:k]  # eq. 13
+        pos = sorted(range(len(b)), key=lambda j: -score[j])[:k]  # eq. 12
+        neg = sorted(range(len(b)), key=lambda j: -sum(1 - c for c in cos[j]))[:k]  # eq. 13
         for i in range(len(a)):
             for j in pos:  # eq. 14 for each positive
                 num = math.exp(cos[j][i] / tau)
@@ -107,30 +87,6 @@ def test_contrastive_topk_sets_and_reference():
     assert value.item() == pytest.approx(_reference_cl([a0, None, a1], b, 0.1, 6), rel=1e-4)
 
 
-def test_contrastive_pseudo_label_selection():
-    torch.manual_seed(2)
-    a0, a1 = torch.randn(5, 8), torch.randn(5, 8)
-    b = torch.randn(40, 8)
-    labels = (torch.rand(40) < 0.3).long()
-    loss = ContrastiveLabelPropagationLoss(tau=0.1, top_k=6)
-    score = (F.normalize(b, dim=1) @ F.normalize(a1, dim=1).T).sum(1)
-    pos, neg = loss.select(a1, b, labels == 1)
-    assert bool((labels[pos] == 1).all()) and bool((labels[neg] == 0).all())
-    ones, zeros = torch.nonzero(labels == 1).flatten(), torch.nonzero(labels == 0).flatten()
-    assert set(pos.tolist()) == set(ones[torch.argsort(score[ones], descending=True)[:6]].tolist())
-    assert set(neg.tolist()) == set(zeros[torch.argsort(score[zeros])[:6]].tolist())
-    value = loss([a0, a1], b, labels)
-    assert value.item() == pytest.approx(_reference_cl([a0, a1], b, 0.1, 6, labels), rel=1e-4)
-    assert value.item() != pytest.approx(loss([a0, a1], b).item(), rel=1e-3)  # not the paper's selection
-    few = torch.zeros(40, dtype=torch.long)
-    few[:3] = 1
-    assert loss.select(a1, b, few == 1)[0].numel() == 3  # k = min(top_k, members)
-    single = torch.zeros(40, dtype=torch.long)  # class 0 has no negatives, class 1 no positives: both skipped
-    bg = b.clone().requires_grad_(True)
-    none = loss([a0, a1], bg, single)
-    assert none.item() == 0.0 and none.requires_grad
-
-
 def test_contrastive_gradient_and_skips():
     b = torch.randn(30, 4, requires_grad=True)
     loss = ContrastiveLabelPropagationLoss(tau=0.1, top_k=256)  # k > q: k = q
@@ -148,31 +104,3 @@ def test_contrastive_gradient_and_skips():
 def test_contrastive_invalid_args():
     with pytest.raises(ValueError):
         ContrastiveLabelPropagationLoss(tau=0.0)
-
-
-def test_contrastive_module_passes_the_picked_pseudo_labels():
-    torch.manual_seed(3)
-    head = ProjectionHead(3, in_channels=4, out_channels=8)
-    bank = ClassMemoryBank(2, 8, capacity=32)
-    with pytest.raises(ValueError, match="cl_select"):
-        ContrastiveLabelPropagation(head, head, bank, select="labels")
-    cl = ContrastiveLabelPropagation(head, head, bank, top_k=4, num_anchors=2, num_unlabeled=64, select="pseudo_label")
-    y = (torch.rand(1, 1, 4, 4, 4) > 0.5).long()
-    logits = torch.cat([(y == 0).float(), (y == 1).float()], dim=1)  # the DS is right everywhere: the bank fills
-    feats_l, feats_u = torch.randn(1, 4, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
-    with pytest.raises(ValueError, match="pseudo_label"):
-        cl(logits, feats_l, y, feats_u, torch.Generator().manual_seed(0))
-    seen = {}
-    select = cl.loss.select
-
-    def spy(anchors, features, members=None):
-        seen.setdefault("members", []).append(members)
-        return select(anchors, features, members)
-
-    cl.loss.select = spy
-    pseudo = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
-    pseudo[1] = 1  # the second unlabeled image is all class 1
-    out = cl(logits, feats_l, y, feats_u, torch.Generator().manual_seed(0), pseudo_labels_u=pseudo)
-    assert torch.isfinite(out) and out.requires_grad
-    members0, members1 = seen["members"]
-    assert torch.equal(members0, ~members1) and 0 < int(members1.sum()) < 64  # one bit per picked voxel

@@ -68,11 +68,6 @@ def test_negative_val_interval(data_dir, tmp_path):
     _fails(data_dir, tmp_path, ValueError, "val_interval", val_interval=-1)
 
 
-def test_unknown_contrastive_selection(data_dir, tmp_path):
-    message = _fails(data_dir, tmp_path, ValueError, "cl_select must be one of", use_cl=True, cl_select="labels")
-    assert "'labels'" in message
-
-
 @pytest.mark.parametrize("patch", [(24, 32, 16), (16, 16, 8)])
 def test_patch_not_divisible_by_16(data_dir, tmp_path, patch, monkeypatch):
     """Raised by ``check_settings`` in the config's ``initialize`` step, before any data is read or step taken."""

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import fire
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -192,3 +193,34 @@ def test_missing_inputs_raise_naming_the_file(runs: dict, tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="needs run_dir"):
         report()
     assert not out.exists()  # inputs are checked before anything is written
+
+
+def test_worst_overlay_shows_the_slices_of_largest_error(tmp_path: Path) -> None:
+    """The worst case's error lies off-centre (a false-positive block in a corner): the overlay cuts through it,
+    not through the label's centre, where that case's prediction is right; the best case keeps the centre."""
+    shape = (32, 32, 16)
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[12:20, 12:20, 6:10] = 1  # centre of mass (16, 16, 8)
+    worst = label.copy()
+    worst[2:6, 24:30, 1:3] = 1  # false positives far from the label: slices x=2, y=24, z=1 hold the most
+    worst[12, 12, 6] = 0  # one false negative at the label's edge
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    paths = {}
+    for name, array in (("image", image), ("label", label), ("best", label), ("worst", worst)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(array, np.eye(4)), paths[name])
+    rows = [{"case": "best", "dice": 1.0}, {"case": "worst", "dice": 0.5}]
+    with (eval_dir / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", *METRIC_NAMES])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "jaccard": row["dice"], "hd95": 1.0, "asd": 1.0})
+    cases = {c: {"image": paths["image"], "label": paths["label"], "prediction": paths[c]} for c in ("best", "worst")}
+    (eval_dir / "cases.json").write_text(json.dumps(cases))
+
+    result = report(eval_dir=eval_dir, output_dir=tmp_path / "report")
+    assert result["worst_case"] == "worst" and result["best_case"] == "best"
+    assert result["overlay_slices"] == {"best": [16, 16, 8], "worst": [2, 24, 1]}
+    assert_png(tmp_path / "report" / "overlay_worst.png")

@@ -12,7 +12,6 @@ from diffcl_algo.schedules import (
     continuous_epoch,
     epoch_length,
     gaussian_ramp,
-    poly_lr,
     resolve_hyperparams,
     table2_params,
 )
@@ -66,9 +65,3 @@ def test_epoch_definition():
     assert continuous_epoch(19, 38) == 0.5
     with pytest.raises(ValueError):
         epoch_length(0, 2)
-
-
-def test_poly_lr():
-    assert poly_lr(0.01, 0, 100) == pytest.approx(0.01)
-    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
-    assert poly_lr(0.01, 100, 100) == 0.0

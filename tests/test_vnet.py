@@ -149,32 +149,3 @@ def test_hfm_parameter_count() -> None:
     two = VNet(3, 1, 2, n_filters=4, hfm_stages=(1, 3))
     extra = n_params(HFMamba(3, channels=4)) + n_params(HFMamba(3, channels=16))
     assert n_params(two) == n_params(VNet(3, 1, 2, n_filters=4)) + extra
-
-
-def test_hfm_layer_scale_zero_starts_as_the_plain_vnet_and_learns() -> None:
-    """``hfm_layer_scale=0.0``: the CS with HF-Mamba computes the plain V-Net until its scale moves."""
-    torch.manual_seed(0)
-    scaled = VNet(3, 1, 2, n_filters=4, hfm_stages=(5,), hfm_layer_scale=0.0)
-    plain = VNet(3, 1, 2, n_filters=4)
-    plain.load_state_dict({k: v for k, v in scaled.state_dict().items() if not k.startswith("hfm.")})
-    x = torch.randn(2, 1, 32, 32, 32)
-    scaled.eval(), plain.eval()
-    assert torch.equal(scaled(x), plain(x))
-    scaled.train()
-    scaled(x).square().mean().backward()
-    gamma = scaled.hfm["5"].scale.gamma
-    assert gamma.shape == (64,) and gamma.grad is not None and gamma.grad.abs().sum() > 0
-    with torch.no_grad():
-        gamma.fill_(0.5)
-    scaled.eval()
-    assert not torch.allclose(scaled(x), plain(x))
-    scripted = torch.jit.script(scaled)
-    assert torch.allclose(scripted(x), scaled(x), atol=1e-6)
-
-
-def test_hfm_layer_scale_is_a_parameter_only_when_asked() -> None:
-    """Default ``None`` keeps eq. 10 and the state-dict keys of earlier checkpoints (the shipped weights')."""
-    assert not [k for k in VNet(3, 1, 2, n_filters=4, hfm_stages=(5,)).state_dict() if "scale" in k]
-    keys = [k for k in VNet(3, 1, 2, n_filters=4, hfm_stages=(5,), hfm_layer_scale=1e-2).state_dict() if "scale" in k]
-    assert keys == ["hfm.5.scale.gamma"]
-    assert torch.allclose(HFMamba(3, channels=8, layer_scale=1e-2).scale.gamma, torch.full((8,), 1e-2))

@@ -1,6 +1,6 @@
-"""The exponential moving average of the CS weights (``ema_decay``) and its mean-teacher pseudo-labels
-(``ema_pseudo_labels``): the average itself, what validation and ``model.pt`` use, the pseudo-labels' source and the
-refused settings (exact resume with them: ``test_engine.test_resume_is_exact``)."""
+"""The exponential moving average of the CS weights (``ema_decay``), the mean teacher that makes the CS pseudo-labels:
+the average itself, what validation and ``model.pt`` use, the pseudo-labels' source and the refused settings (exact
+resume with them: ``test_engine.test_resume_is_exact``)."""
 
 from __future__ import annotations
 
@@ -70,32 +70,36 @@ def _ds_targets(monkeypatch) -> list[torch.Tensor]:
     targets = []
     original = Loss.forward
 
-    def recording(self, logits, target, ce_weight, dice_weight=1.0, mask=None):
+    def recording(self, logits, target, ce_weight, dice_weight=1.0):
         targets.append(target.clone())
-        return original(self, logits, target, ce_weight, dice_weight, mask)
+        return original(self, logits, target, ce_weight, dice_weight)
 
     monkeypatch.setattr(Loss, "forward", recording)
     return targets
 
 
-@pytest.mark.parametrize("teacher", [False, True])
-def test_pseudo_labels_come_from_the_mean_teacher_only_when_asked(data_dir, tmp_path, monkeypatch, teacher):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99], ids=["the_cs_itself", "the_mean_teacher"])
+def test_pseudo_labels_come_from_the_mean_teacher_when_there_is_one(data_dir, tmp_path, monkeypatch, ema_decay):
+    """One network is made to call every voxel foreground: the teacher with ``ema_decay``, else the CS; only that
+    network's labels reach the DS (eq. 6); with a teacher, the untouched CS's (a random net's) do not."""
     targets = _ds_targets(monkeypatch)
     trainer = build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), use_cl=False,
-                            ema_decay=0.99, ema_pseudo_labels=teacher, **SMALL)  # fmt: skip
-    with torch.no_grad():  # a teacher that calls every voxel foreground, unlike the CS
-        trainer.cs_ema.module.out_conv.weight.zero_()
-        trainer.cs_ema.module.out_conv.bias.copy_(torch.tensor([-5.0, 5.0]))
+                            ema_decay=ema_decay, **SMALL)  # fmt: skip
+    labeller = trainer.cs_network if trainer.cs_ema is None else trainer.cs_ema.module
+    assert (trainer.cs_ema is None) == (ema_decay == 0.0)
+    with torch.no_grad():
+        labeller.out_conv.weight.zero_()
+        labeller.out_conv.bias.copy_(torch.tensor([-5.0, 5.0]))
     trainer.run()
     trainer.close()
     pseudo_cs = targets[3]  # eq. 19, 18, 7, 6 in the engine's order
-    assert bool((pseudo_cs == 1).all()) == teacher
+    assert bool((pseudo_cs == 1).all())
 
 
 def test_mean_teacher_uses_batch_statistics(data_dir, tmp_path):
     """The teacher labels in train mode (batch statistics, as the CS's own forward), not with running statistics."""
     trainer = build_trainer(dataset_dir=data_dir, max_iterations=2, output_dir=str(tmp_path), use_cl=False,
-                            ema_decay=0.99, ema_pseudo_labels=True, **SMALL)  # fmt: skip
+                            ema_decay=0.99, **SMALL)  # fmt: skip
     modes = []
     trainer.cs_ema.module.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     trainer.run()
@@ -105,16 +109,13 @@ def test_mean_teacher_uses_batch_statistics(data_dir, tmp_path):
 
 def test_a_teacher_batch_too_small_for_batch_norm_names_the_option(data_dir, tmp_path):
     trainer = build_trainer(dataset_dir=data_dir, output_dir=str(tmp_path),
-                            **dict(TINY_TRAIN, ema_decay=0.99, ema_pseudo_labels=True))  # fmt: skip
-    with pytest.raises(ValueError, match=r"ema_pseudo_labels: .* one patch of \[16, 16, 16\] leaves one value"):
+                            **dict(TINY_TRAIN, ema_decay=0.99))  # fmt: skip
+    with pytest.raises(ValueError, match=r"ema_decay: .* one patch of \[16, 16, 16\] leaves one value"):
         trainer.run()
     trainer.close()
 
 
 def test_refused_settings_name_the_option(data_dir, tmp_path):
-    with pytest.raises(Exception, match="ema_pseudo_labels needs an EMA"):
-        build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_decay=0.0,
-                      ema_pseudo_labels=True, **SMALL)  # fmt: skip
     with pytest.raises(Exception, match="ema_decay must be in"):
         build_trainer(dataset_dir=data_dir, max_iterations=1, output_dir=str(tmp_path), ema_decay=1.5, **SMALL)
     state = {"cs_ema": None}

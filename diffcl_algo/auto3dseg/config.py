@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 from monai.apps.auto3dseg import DataAnalyzer
 from monai.bundle import ConfigParser
+from monai.bundle.utils import ID_SEP_KEY
 from monai.config import PathLike
 
 from diffcl_algo.networks.vnet import DOWNSAMPLING_FACTOR
@@ -213,13 +214,19 @@ def load_config(
         known_only: ignore overrides of ids the configs do not have (the AutoRunner ensemble passes its own keys).
 
     Returns:
-        ``{top-level key: parsed value}``.
+        ``{top-level key: parsed value}``, plus the overrides of nested graph ids that the configs do not hold
+        (``"nets#contrastive_def#tau"``), as given: the graph checks them when the trainer is built.
     """
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_file] if isinstance(config_file, (list, tuple)) else str(config_file))
+    nested = {}
     for key, value in (override or {}).items():
         known = key in parser
         if known_only and not known:
             continue
+        if not known and ID_SEP_KEY in str(key):
+            nested[key] = _coerce(value, None)
+            continue
         parser[key] = _coerce(value, parser[key] if known else None)
-    return {key: parser.get_parsed_content(key) for key in parser.get() if key != ConfigParser.meta_key}
+    parsed = {key: parser.get_parsed_content(key) for key in parser.get() if key != ConfigParser.meta_key}
+    return {**parsed, **nested}

@@ -7,6 +7,11 @@
 * :func:`resume_path`: the ``train_state.pt`` that ``--resume`` names.
 * :func:`config_files`: the files of a ``--config_file`` value.
 * ``as_bool`` (:func:`diffcl_algo.utils.as_bool`): a switch given as a boolean or a string.
+
+Under the stock command, importing this module (every bundle config's ``imports`` does) also installs
+:func:`diffcl_algo.utils.install_cause_hook`: MONAI re-raises an error of a config expression as ``RuntimeError:
+Failed to evaluate ConfigExpression ...``, so the cause (an unknown option, a missing dataset folder) would be tens of
+lines above the end; the hook prints it as the last line, ``error: <cause>``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from monai.bundle.scripts import run as monai_run
 from monai.bundle.utils import ID_SEP_KEY
 
 from diffcl_algo.networks.vnet import DOWNSAMPLING_FACTOR
-from diffcl_algo.utils import as_bool, is_null, parse_value
+from diffcl_algo.utils import as_bool, install_cause_hook, is_null, parse_value
 
 __all__ = [
     "as_bool",
@@ -156,3 +161,7 @@ def check_command_line_ids(argv: Optional[Sequence[str]] = None) -> None:
     files = config_files(given["config_file"])
     ids = [k for k in given if k not in _RUN_OPTIONS]
     check_override_ids(ConfigParser.load_config_files(files), ids, " + ".join(files))
+
+
+if sys.argv and _is_stock_cli(sys.argv[0]):
+    install_cause_hook()

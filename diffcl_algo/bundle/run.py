@@ -22,7 +22,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, scripts
@@ -40,6 +40,7 @@ __all__ = [
     "default_num_threads",
     "help_epilog",
     "load_bundle",
+    "metadata_file",
     "run",
     "run_workflow",
     "train",
@@ -51,21 +52,44 @@ RUN_IDS = {"train": "training", "evaluate": "evaluating", "inference": "inferrin
 Bundle = Union[str, os.PathLike, None]
 
 
-def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], Optional[str]]:
-    """``(config files, dataset values, metadata file)`` of a bundle's workflow."""
+#: ``meta_file`` of a config without metadata: none to read (MONAI's default, ``configs/metadata.json`` next to the
+#: first config, would log an ``ERROR`` on every run where it is absent, as for the package's graph).
+NO_METADATA: list[str] = []
+
+
+def _sources(bundle: Bundle, workflow: str) -> tuple[list[str], dict[str, Any], Union[str, list[str]]]:
+    """``(config files, dataset values, metadata file or NO_METADATA)`` of a bundle's workflow."""
     if workflow not in WORKFLOWS:
         raise ValueError(f"Unknown workflow {workflow!r}; choose one of {list(WORKFLOWS)}.")
     ddp = workflow == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if bundle is None or str(bundle) in DATASETS:
         files = [str(CONFIG_DIR / f) for f in WORKFLOWS[workflow]]
         values = {} if bundle is None else workflow_values(str(bundle), workflow)
-        return files + ([str(CONFIG_DIR / "multi_gpu_train.yaml")] if ddp else []), values, None
+        return files + ([str(CONFIG_DIR / "multi_gpu_train.yaml")] if ddp else []), values, list(NO_METADATA)
     configs = Path(bundle) / "configs"
     files = [configs / f"{workflow}.yaml"] + ([configs / "multi_gpu_train.yaml"] if ddp else [])
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"Bundle {str(bundle)!r}: {file} does not exist (bundles: {list(DATASETS)}).")
-    return [str(f) for f in files], {}, str(configs / "metadata.json")
+    meta = configs / "metadata.json"
+    return [str(f) for f in files], {}, str(meta) if meta.is_file() else list(NO_METADATA)
+
+
+def metadata_file(configs: Sequence[str], meta_file: Union[str, Sequence[str], None]) -> Union[str, list[str]]:
+    """The ``meta_file`` to run the config files ``configs`` with: the given one(s), else ``metadata.json`` next to
+    the first config, else :data:`NO_METADATA` (MONAI logs an ``ERROR`` for a default it cannot find, then runs).
+
+    Raises:
+        FileNotFoundError: a given metadata file does not exist.
+    """
+    if meta_file is None:
+        default = Path(configs[0]).parent / "metadata.json"
+        return str(default) if default.is_file() else list(NO_METADATA)
+    files = config_files(meta_file)
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"metadata file {f} does not exist; pass the bundle's metadata.json (--meta_file)")
+    return files[0] if len(files) == 1 else files
 
 
 def _override(parser: ConfigParser, bundle: Bundle, workflow: str, values: dict, overrides: dict) -> None:
@@ -221,7 +245,7 @@ def run(
             (inference.yaml).
         config_file: the bundle config (a list, e.g. "['bundles/la/configs/train.yaml','bundles/la/configs/cpu.yaml']",
             layers later files over earlier ones).
-        meta_file: the bundle's metadata.json (default: next to the first config).
+        meta_file: the bundle's metadata.json (default: the one next to the first config, if any).
         logging_file: logging config (default: logging.conf next to the first config).
         num_threads: torch CPU threads (default: $OMP_NUM_THREADS if set, else the idle CPUs, 1 to 8).
         overrides: --<id> <value> for any id of the config (nested ids as --a#b); see --help with --config_file.
@@ -238,16 +262,73 @@ def run(
     threads = num_threads if num_threads is not None else default_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    scripts.run(run_id=run_id, config_file=files, meta_file=meta_file, logging_file=logging_file, **overrides)
+    meta = metadata_file(files, meta_file)
+    scripts.run(run_id=run_id, config_file=files, meta_file=meta, logging_file=logging_file, **overrides)
+
+
+_TOP_LEVEL_VALUE = re.compile(r"^([A-Za-z_]\w*):[ \t]+(\S.*)$")
+_COMMENT = re.compile(r"[ \t]#")
+
+
+def _split_comment(text: str) -> tuple[str, int]:
+    """``(value, index of its comment's '#' or -1)`` of the YAML text after a key.
+
+    YAML starts a comment at a ``#`` after whitespace, outside a quoted scalar: MONAI's id separator in
+    ``$@train#epoch_length`` and a ``#`` inside quotes are part of the value.
+    """
+    start = 0
+    if text[:1] in ("'", '"'):  # a quoted scalar: skip to its closing quote ('' and \" are escaped quotes)
+        quote, i = text[0], 1
+        while i < len(text):
+            if text[i] == "\\" and quote == '"':
+                i += 2
+                continue
+            if text[i] == quote:
+                if quote == "'" and text[i + 1 : i + 2] == "'":
+                    i += 2
+                    continue
+                break
+            i += 1
+        start = i + 1
+    match = _COMMENT.search(text, start)
+    return (text[: match.start()].rstrip(), match.start() + 1) if match else (text.rstrip(), -1)
 
 
 def _value_ids(path: Path) -> list[tuple[str, str, str]]:
-    """``(id, value, comment)`` of the top-level one-line values of a YAML config, in file order."""
+    """``(id, value, comment)`` of the top-level values of a YAML config written on their key's line, in file order.
+
+    A value is whole (a ``#`` that does not start a comment stays in it, a plain value continued on indented lines
+    is joined); a comment is whole too: its continuation lines are indented ``#`` lines at the comment's column.
+    """
+    lines = path.read_text().splitlines()
     out = []
-    for line in path.read_text().splitlines():
-        match = re.match(r"^([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s*(.*))?$", line)
-        if match and match.group(2) and not match.group(2).startswith(("'%", '"%', "%")):
-            out.append((match.group(1), match.group(2), match.group(3) or ""))
+    for i, line in enumerate(lines):
+        match = _TOP_LEVEL_VALUE.match(line)
+        if not match:
+            continue
+        value, hash_at = _split_comment(match.group(2))
+        column = match.start(2) + hash_at if hash_at >= 0 else -1
+        comment = [match.group(2)[hash_at + 1 :].strip()] if hash_at >= 0 else []
+        values = [value] if value else []
+        for following in lines[i + 1 :]:
+            stripped = following.strip()
+            if not stripped or not following[:1].isspace():
+                break
+            if stripped.startswith("#"):
+                if column < 0 or following.index("#") != column:
+                    break
+                comment.append(stripped[1:].strip())
+            elif not comment:  # a plain value continued on the next line
+                more, more_hash = _split_comment(stripped)
+                values.append(more)
+                if more_hash >= 0:
+                    column = len(following) - len(following.lstrip()) + more_hash
+                    comment.append(stripped[more_hash + 1 :].strip())
+            else:
+                break
+        value = " ".join(values)
+        if value and not value.startswith(("'%", '"%', "%")):
+            out.append((match.group(1), value, " ".join(c for c in comment if c)))
     return out
 
 

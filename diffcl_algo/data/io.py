@@ -68,20 +68,32 @@ class DataError(ValueError):
     """A dataset on disk does not have the expected layout or content; the message names the path."""
 
 
-def layout_help(layout: str) -> str:
-    """Human-readable description of a layout, appended to every ``DataError`` about it."""
+def layout_help(layout: str, labels: bool = True) -> str:
+    """Human-readable description of a layout, appended to every ``DataError`` about it.
+
+    Args:
+        layout: a ``LAYOUTS`` key or a ``{case}`` pattern.
+        labels: the cases need their labels (training, evaluation); False: images to segment (inference).
+    """
     pattern = LAYOUTS.get(layout, layout).replace("{case}", "<case>")
     lists = " / ".join(LIST_NAMES.get(layout, ("<list file>",)))
+    content = "3D datasets 'image' float32 and 'label' uint8 of the same shape" if labels else "a 3D dataset 'image'"
     return (
-        f"expected layout: <dataset_dir>/{pattern} (h5 with 3D datasets 'image' float32 and 'label' uint8 of the "
-        f"same shape) and case lists {lists} in <dataset_dir>, one case name per line"
+        f"expected layout: <dataset_dir>/{pattern} (h5 with {content}) and case lists {lists} in <dataset_dir>, one "
+        "case name per line"
     )
 
 
-def missing_dataset_dir(root: Path) -> str:
-    """Message for a dataset directory that does not exist: where it was looked for and how to give another."""
+def missing_dataset_dir(root: Path, labels: bool = True) -> str:
+    """Message for a dataset directory that does not exist: where it was looked for and how to give another (with
+    ``labels=False``, for inference: also how to name the images to segment)."""
     where = f" (looked for {root.resolve()})" if not root.is_absolute() else ""
-    return f"dataset directory {root} does not exist{where}; pass the dataset folder with --dataset_dir <folder>"
+    if labels:
+        return f"dataset directory {root} does not exist{where}; pass the dataset folder with --dataset_dir <folder>"
+    return (
+        f"dataset directory {root} does not exist{where}; pass the folder of the images to segment with --dataset_dir "
+        "<folder>, or the image files (NIfTI, NRRD or h5) with --images \"['<scan>.nii.gz', ...]\""
+    )
 
 
 class H5Reader(ImageReader):
@@ -216,7 +228,11 @@ def _split_labeled(entries: list[dict], num_labeled: int | None, source: PathLik
 
 
 def h5_datalist(
-    dataset_dir: PathLike, list_name: str = "train.list", num_labeled: int | None = None, layout: str = "la"
+    dataset_dir: PathLike,
+    list_name: str = "train.list",
+    num_labeled: int | None = None,
+    layout: str = "la",
+    labels: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     """MONAI datalists of an h5 layout from one case list.
 
@@ -225,6 +241,7 @@ def h5_datalist(
         list_name: case-list file name inside ``dataset_dir``.
         num_labeled: the first ``num_labeled`` cases are labeled, the rest unlabeled; ``None``: all labeled.
         layout: a key of ``LAYOUTS`` or a relative path pattern containing ``{case}``.
+        labels: what the errors describe: labeled cases (training, evaluation), or images to segment (False).
 
     Returns:
         ``(labeled, unlabeled)``: dicts ``{"image": h5, "label": h5, "case": name}``; unlabeled ones have no
@@ -237,11 +254,12 @@ def h5_datalist(
     if "{case}" not in pattern:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)} or a pattern containing '{{case}}', got {layout!r}")
     root = Path(dataset_dir)
+    expected = layout_help(layout, labels)
     if not root.is_dir():
-        raise DataError(f"{missing_dataset_dir(root)}; {layout_help(layout)}")
+        raise DataError(f"{missing_dataset_dir(root, labels)}; {expected}")
     list_path = root / list_name
     if not list_path.is_file():
-        raise DataError(f"case list {list_path} does not exist; {layout_help(layout)}")
+        raise DataError(f"case list {list_path} does not exist; {expected}")
     entries, missing = [], []
     for case in read_case_list(list_path):
         path = root / pattern.format(case=case)
@@ -253,9 +271,9 @@ def h5_datalist(
     if missing:
         raise DataError(
             f"{len(missing)} of {len(entries)} cases listed in {list_path} are missing:\n  "
-            + "\n  ".join(missing[:20])
-            + ("\n  ..." if len(missing) > 20 else "")
-            + f"\n{layout_help(layout)}"
+            + ";\n  ".join(missing[:20])
+            + (";\n  ..." if len(missing) > 20 else "")
+            + f";\n{expected}"
         )
     if not entries:
         raise DataError(f"case list {list_path} is empty")
@@ -295,15 +313,19 @@ def decathlon_datalists(
     return _split_labeled(entries, num_labeled, datalist)
 
 
-def detect_layout(dataset_dir: PathLike) -> str:
+def detect_layout(dataset_dir: PathLike, labels: bool = True) -> str:
     """The ``LAYOUTS`` key whose case folder exists under ``dataset_dir``.
+
+    Args:
+        dataset_dir: the dataset root.
+        labels: what a missing folder's error describes: a dataset (True) or images to segment (inference).
 
     Raises:
         DataError: none or several match.
     """
     root = Path(dataset_dir)
     if not root.is_dir():
-        raise DataError(missing_dataset_dir(root))
+        raise DataError(missing_dataset_dir(root, labels))
     found = [name for name, pattern in LAYOUTS.items() if (root / Path(pattern).parts[0]).is_dir()]
     if len(found) != 1:
         options = "; ".join(f"{k}: <dataset_dir>/{v}" for k, v in LAYOUTS.items())
@@ -317,6 +339,7 @@ def build_datalists(
     list_name: str | None = None,
     num_labeled: int | None = None,
     layout: str | None = None,
+    labels: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     """Single entry point: ``(labeled, unlabeled)`` datalists from an h5 layout or a Decathlon JSON datalist.
 
@@ -328,14 +351,21 @@ def build_datalists(
             JSON: the data-list key (default ``"training"``).
         num_labeled: how many of the first cases keep their label (``None``: all that have one).
         layout: a ``LAYOUTS`` key or ``{case}`` pattern; ``None``: :func:`detect_layout`.
+        labels: what the errors describe: labeled cases (training, evaluation), or images to segment (False:
+            inference, whose cases may also be image files given with ``--images``).
     """
     if datalist is not None:
         return decathlon_datalists(datalist, dataset_dir, list_name or "training", num_labeled)
     if dataset_dir is None:
-        raise DataError("build_datalists needs dataset_dir (h5 layout) or datalist (Decathlon JSON)")
-    layout = layout or detect_layout(dataset_dir)
+        if labels:
+            raise DataError("build_datalists needs dataset_dir (h5 layout) or datalist (Decathlon JSON)")
+        raise DataError(
+            "no images to segment: pass the image files (NIfTI, NRRD or h5) with --images \"['<scan>.nii.gz', ...]\", "
+            "a Decathlon JSON with --datalist, or a dataset folder with --dataset_dir"
+        )
+    layout = layout or detect_layout(dataset_dir, labels)
     list_name = list_name or LIST_NAMES.get(layout, ("train.list",))[0]
-    return h5_datalist(dataset_dir, list_name, num_labeled, layout)
+    return h5_datalist(dataset_dir, list_name, num_labeled, layout, labels)
 
 
 def is_h5(path: PathLike) -> bool:

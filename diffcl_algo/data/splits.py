@@ -22,6 +22,7 @@ Auto3DSeg, so that they cannot drift apart:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from functools import cached_property
@@ -49,6 +50,8 @@ class CaseSplits:
         num_test_holdout: > 0: the last N cases of the training list are the report split.
         report_fold: which block of ``num_test_holdout`` cases is the report split (0: the last; module docstring).
         hidden_labels: keep the unlabeled cases' labels as ``hidden_label`` (logged only, never trained on).
+        labels: the cases need their labels (training, evaluation); False: they are images to segment (inference,
+            :meth:`for_inference`), and a missing folder, list or file is described as such.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class CaseSplits:
         num_test_holdout: int = 0,
         report_fold: int = 0,
         hidden_labels: bool = False,
+        labels: bool = True,
     ) -> None:
         self.dataset_dir, self.datalist = dataset_dir, datalist
         self._layout = layout
@@ -71,11 +75,18 @@ class CaseSplits:
         self.num_labeled, self.num_val_holdout = int(num_labeled), int(num_val_holdout)
         self.num_test_holdout, self.hidden_labels = int(num_test_holdout), bool(hidden_labels)
         self.report_fold = int(report_fold)
+        self.labels = bool(labels)
+
+    def for_inference(self) -> CaseSplits:
+        """These splits as images to segment: the same cases, errors about images rather than labeled cases."""
+        splits = copy.copy(self)
+        splits.labels = False
+        return splits
 
     @cached_property
     def layout(self) -> str | None:
         """The h5 layout (None with a JSON datalist)."""
-        return None if self.datalist else (self._layout or detect_layout(self.dataset_dir))
+        return None if self.datalist else (self._layout or detect_layout(self.dataset_dir, self.labels))
 
     def _list(self, name: str | None, position: int, json_key: str) -> str:
         if name:
@@ -83,7 +94,9 @@ class CaseSplits:
         return json_key if self.datalist else LIST_NAMES[self.layout][position]
 
     def _read(self, list_name: str) -> tuple[list[dict], list[dict]]:
-        return build_datalists(self.dataset_dir, datalist=self.datalist, list_name=list_name, layout=self.layout)
+        return build_datalists(
+            self.dataset_dir, datalist=self.datalist, list_name=list_name, layout=self.layout, labels=self.labels
+        )
 
     def _has_file(self, list_name: str) -> bool:
         return not self.datalist and os.path.isfile(os.path.join(self.dataset_dir, list_name))
@@ -175,4 +188,4 @@ def inference_cases(
         entries = content[infer_list_key]
         base = splits.dataset_dir or os.path.dirname(splits.datalist)
         return [{"image": os.path.join(base, d if isinstance(d, str) else d["image"])} for d in entries]
-    return [{k: v for k, v in d.items() if k != "label"} for d in splits.evaluation]
+    return [{k: v for k, v in d.items() if k != "label"} for d in splits.for_inference().evaluation]

@@ -19,8 +19,18 @@ from tqdm import tqdm
 
 from diffcl_algo.data.io import DataError, is_h5
 
-__all__ = ["validate_cases"]
+__all__ = ["INFERENCE_INPUT", "TRAINING_INPUT", "validate_cases"]
 
+#: What a datalist with labels (training, evaluation) must hold; the end of :func:`validate_cases`' message.
+TRAINING_INPUT = (
+    "3D 'image' (float, finite) and 'label' (integers in [0, num_classes)) of the same shape, in one h5 file per "
+    "case (datasets 'image'/'label') or in NIfTI / NRRD files"
+)
+#: What the images to segment (a datalist without labels: inference) must be.
+INFERENCE_INPUT = (
+    "one 3D image (float, finite) per case to segment: a NIfTI (.nii, .nii.gz), NRRD (.nrrd) or h5 file "
+    "(dataset 'image')"
+)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 
@@ -139,7 +149,9 @@ def validate_cases(
         ``foreground_fraction`` (``None`` without ``check_values``).
 
     Raises:
-        DataError: listing every failing entry with its path and problem.
+        DataError: listing every failing entry with its path and problem, then what the files must be: image and
+            label (:data:`TRAINING_INPUT`), or, when no entry has a label (inference), an image
+            (:data:`INFERENCE_INPUT`).
     """
     if not datalist:
         raise DataError("empty datalist: no case to validate")
@@ -153,9 +165,10 @@ def validate_cases(
         except DataError as e:
             problems.append(str(e))
     if problems:
+        labeled = any("label" in entry for entry in datalist)
         raise DataError(
-            f"{len(problems)} of {len(datalist)} cases failed validation:\n  " + "\n  ".join(problems)
-            + "\nexpected: 3D 'image' (float, finite) and 'label' (integers in [0, num_classes)) of the same shape, "
-            "in one h5 file per case (datasets 'image'/'label') or in NIfTI files"
+            f"{len(problems)} of {len(datalist)} cases failed validation:\n  "
+            + ";\n  ".join(problems)
+            + f";\nexpected: {TRAINING_INPUT if labeled else INFERENCE_INPUT}"
         )
     return infos

@@ -317,6 +317,10 @@ class CaseProgress(BarHandler):
     case is one INFO line of the ``diffcl_algo.progress`` logger (so it reaches ``train.log``). The Dice is that of
     the foreground of the post-processed ``pred`` and ``label`` (absent without a label, e.g. inference).
 
+    When the run ends, the masks its postprocessing wrote (``SaveImaged(savepath_in_metadict=True)``, the
+    ``saved_to`` of each ``pred``) are INFO lines of the same logger, whatever ``progress``: one per mask,
+    ``inference: mask of case <case> written to <path>``, then ``inference: <n> masks written to <folder>``.
+
     Args:
         desc: what runs (``"validation"``, ``"evaluation"``, ``"inference"``).
         progress: show a bar instead of log lines; None: a bar when stderr is a terminal.
@@ -327,13 +331,16 @@ class CaseProgress(BarHandler):
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.done = 0
         self.started = 0.0
+        self.saved: list[tuple[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
-        """Reset on ``EPOCH_STARTED``, report on ``ITERATION_COMPLETED``, close on ``EPOCH_COMPLETED``."""
+        """Reset on ``EPOCH_STARTED``, report on ``ITERATION_COMPLETED``, close and name the written masks on
+        ``EPOCH_COMPLETED``."""
         self.attach_bar(engine, Events.EPOCH_STARTED, Events.ITERATION_COMPLETED, Events.EPOCH_COMPLETED)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.report_saved)
 
     def open(self, engine: Engine) -> None:
-        self.done, self.started = 0, time.perf_counter()
+        self.done, self.started, self.saved = 0, time.perf_counter(), []
         if self.progress:
             self.bar = tqdm(total=engine.state.epoch_length, desc=self.desc, unit="case", leave=True)
 
@@ -343,6 +350,10 @@ class CaseProgress(BarHandler):
         for item in items:
             self.done += 1
             text = item_case_name(item) or "?"
+            pred = item.get("pred")
+            saved = pred.meta.get(MetaKeys.SAVED_TO) if isinstance(pred, MetaTensor) else None
+            if saved:
+                self.saved.append((text, str(saved)))
             if item.get("label") is not None and item.get("pred") is not None:
                 dice = foreground_dice(foreground_mask(item["pred"][None]), foreground_mask(item["label"][None]))
                 text += f": Dice {dice:.4f}"
@@ -353,3 +364,13 @@ class CaseProgress(BarHandler):
                 total = engine.state.epoch_length
                 elapsed = time.perf_counter() - self.started
                 logger.info(f"{self.desc} case {self.done}/{total} ({text}) after {elapsed:.1f} s")
+
+    def report_saved(self, engine: Engine) -> None:
+        """Log where each mask of the run was written, then their number and folder(s)."""
+        if not self.saved:
+            return
+        for case, path in self.saved:
+            logger.info(f"{self.desc}: mask of case {case} written to {path}")
+        folders = sorted({str(Path(path).parent) for _, path in self.saved})
+        n = len(self.saved)
+        logger.info(f"{self.desc}: {n} mask{'s' if n != 1 else ''} written to {', '.join(folders)}")

@@ -9,8 +9,10 @@
 - ``curves.png``: one panel per TensorBoard scalar tag found in the run directories (the trainer's loss terms
   ``loss_sup_cs`` ... ``loss``, ``ramp``, learning rates, validation ``val_mean_dice`` ...), one line per run;
 - ``overlay_best.png`` / ``overlay_worst.png``: the case with the highest / lowest Dice of the first run with an
-  evaluation, axial / coronal / sagittal slices through the label's centre of mass, ground-truth (green) and
-  predicted (magenta) contours on the image; one row per run that predicted that case.
+  evaluation, axial / coronal / sagittal slices with ground-truth (green) and predicted (magenta) contours on the
+  image; one row per run that predicted that case. The best case is cut through the label's centre of mass, the
+  worst one where that run errs most: along each axis, the slice with the most false positive + false negative
+  voxels (the label's centre where its prediction has no error).
 
 Several runs (e.g. Diff-CL vs supervised-only)::
 
@@ -259,6 +261,15 @@ def _plot_curves(runs: list[_Run], path: Path, smoothing: float) -> list[str]:
     return tags
 
 
+def _largest_error_slices(label: np.ndarray, pred: np.ndarray) -> list[int] | None:
+    """``[x, y, z]``: along each axis of (X, Y, Z) masks, the slice with the most false positive + false negative
+    voxels (the first such slice on a tie); None when ``pred`` equals ``label``."""
+    error = np.logical_xor(label, pred)
+    if not error.any():
+        return None
+    return [int(np.argmax(error.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
+
+
 def _views(volume: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     """Axial, coronal, sagittal 2D slices of an (X, Y, Z) volume, transposed for ``imshow(origin="lower")``."""
     x, y, z = centre
@@ -290,23 +301,41 @@ def _overlay_inputs(runs: list[_Run], case: str) -> tuple[dict[str, str], list[t
 
 
 def _plot_overlay(
-    sources: dict[str, str], predictions: list[tuple[_Run, str]], case: str, title: str, path: Path
-) -> None:
-    """Orthogonal slices through the label's centre of mass with GT and predicted contours, one row per run."""
+    sources: dict[str, str],
+    predictions: list[tuple[_Run, str]],
+    case: str,
+    title: str,
+    path: Path,
+    at_error: bool = False,
+) -> list[int]:
+    """Orthogonal slices with GT and predicted contours, one row per run.
+
+    The slices go through the label's centre of mass, or with ``at_error`` through the largest error of the first
+    run's prediction (:func:`_largest_error_slices`; the centre when it has none).
+
+    Returns:
+        The ``[x, y, z]`` indices of the sagittal, coronal and axial slices shown.
+    """
     data = LoadH5d(("image", "label"))(sources)
     image, label = data["image"][0].numpy(), data["label"][0].numpy() > 0
     spacing = [float(s) for s in data["image"].pixdim]
-    centre = [int(round(c)) for c in center_of_mass(label)] if label.any() else [s // 2 for s in label.shape]
-    lo, hi = np.percentile(image, (1, 99))
-    # (horizontal, vertical) voxel spacing of each view, for the pixel aspect ratio
-    view_spacing = [(spacing[0], spacing[1]), (spacing[0], spacing[2]), (spacing[1], spacing[2])]
-    view_names = [f"axial z={centre[2]}", f"coronal y={centre[1]}", f"sagittal x={centre[0]}"]
-    fig = Figure(figsize=(12.0, 4.0 * len(predictions) + 0.8), layout="constrained")
-    axes = fig.subplots(len(predictions), 3, squeeze=False)
-    for r, (run, pred_path) in enumerate(predictions):
+    preds = []
+    for _, pred_path in predictions:
         pred = LoadH5d("pred")({"pred": pred_path})["pred"][0].numpy() > 0
         if pred.shape != label.shape:
             raise ValueError(f"{pred_path}: shape {pred.shape} differs from the label's {label.shape}")
+        preds.append(pred)
+    centre = [int(round(c)) for c in center_of_mass(label)] if label.any() else [s // 2 for s in label.shape]
+    worst = _largest_error_slices(label, preds[0]) if at_error and preds else None
+    centre = worst or centre
+    lo, hi = np.percentile(image, (1, 99))
+    # (horizontal, vertical) voxel spacing of each view, for the pixel aspect ratio
+    view_spacing = [(spacing[0], spacing[1]), (spacing[0], spacing[2]), (spacing[1], spacing[2])]
+    where = " (largest error)" if worst else ""
+    view_names = [f"axial z={centre[2]}{where}", f"coronal y={centre[1]}{where}", f"sagittal x={centre[0]}{where}"]
+    fig = Figure(figsize=(12.0, 4.0 * len(predictions) + 0.8), layout="constrained")
+    axes = fig.subplots(len(predictions), 3, squeeze=False)
+    for r, ((run, _), pred) in enumerate(zip(predictions, preds)):
         dice = next(row["dice"] for row in run.rows if row["case"] == case)
         for c, views in enumerate(zip(_views(image, centre), _views(label, centre), _views(pred, centre))):
             img2d, gt2d, pred2d = views
@@ -323,6 +352,7 @@ def _plot_overlay(
     fig.legend(handles=handles, loc="outside lower center", ncols=2)
     fig.suptitle(f"{title}: {case}")
     _save_figure(fig, path)
+    return centre
 
 
 def report(
@@ -348,8 +378,8 @@ def report(
 
     Returns:
         ``{"output_dir", "files": {name: path}, "curve_tags": [tags plotted, panel order], "best_case",
-        "worst_case", "summary": {run: {metric: {"mean", "std"}}}}`` (case / summary entries are None / empty
-        without an evaluation).
+        "worst_case", "overlay_slices": {"best" / "worst": [x, y, z] of the slices shown}, "summary": {run:
+        {metric: {"mean", "std"}}}}`` (case / slice / summary entries are None / empty without an evaluation).
 
     Raises:
         FileNotFoundError: a given directory, its event files, ``metrics.csv``, ``cases.json``, an image, label or
@@ -386,6 +416,7 @@ def report(
     out = Path(output_dir) if output_dir is not None else (first.run_dir or first.eval_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
+    slices: dict[str, list[int]] = {}
     tags: list[str] = []
     if any(run.scalars for run in run_list):
         tags = _plot_curves([run for run in run_list if run.scalars], out / "curves.png", smoothing)
@@ -396,7 +427,7 @@ def report(
         files["metrics_md"], files["metrics_csv"] = str(out / "metrics.md"), str(out / "metrics.csv")
         for kind, case in (("best", best), ("worst", worst)):
             title = f"{kind.capitalize()} case by Dice of {evaluated[0].name}"
-            _plot_overlay(*overlays[kind], case, title, out / f"overlay_{kind}.png")
+            slices[kind] = _plot_overlay(*overlays[kind], case, title, out / f"overlay_{kind}.png", kind == "worst")
             files[f"overlay_{kind}"] = str(out / f"overlay_{kind}.png")
     return {
         "output_dir": str(out),
@@ -404,5 +435,6 @@ def report(
         "curve_tags": tags,
         "best_case": best,
         "worst_case": worst,
+        "overlay_slices": slices,
         "summary": {run.name: run.stats for run in evaluated},
     }

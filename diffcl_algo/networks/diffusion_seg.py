@@ -21,12 +21,6 @@ class DiffusionSegNet(nn.Module):
     Linear(4 time_embed_dim, 4 time_embed_dim)`` -> per-encoder-stage FiLM of the trunk
     ``VNet(in_channels + out_channels, out_channels, cond_dim=4 * time_embed_dim)``.
 
-    Self-conditioning (``self_condition=True``; Chen et al., "Analog Bits", ICLR 2023; not in the paper): the input
-    also holds the net's previous estimate of the clean signal, ``concat(x, Y_t, Y0_hat)`` (``Y0_hat`` zeros when
-    there is none), so the trunk takes ``in_channels + 2 out_channels`` channels. DDIM sampling
-    (:meth:`~diffcl_algo.diffusion.GaussianDiffusion.ddim_sample`) feeds each step the previous step's estimate; the
-    trainer feeds half the iterations a first no-gradient estimate.
-
     Parameter count (``in_channels=1, out_channels=2, n_filters=16, norm="batch", time_embed_dim=128``):
     10,287,330 = V-Net trunk with 3 input channels 9,449,730 (the field's count for ``n_channels=3``) + time MLP
     328,704 + FiLM projections 508,896.
@@ -39,7 +33,6 @@ class DiffusionSegNet(nn.Module):
         norm: V-Net normalisation (``"batch"``, ``"instance"``, ``"group"``, ``"none"``).
         dropout: V-Net channel dropout (bottleneck and last decoder map).
         time_embed_dim: size of the sinusoidal timestep embedding (even).
-        self_condition: take the previous clean-signal estimate as a further input (above).
     """
 
     def __init__(
@@ -51,7 +44,6 @@ class DiffusionSegNet(nn.Module):
         norm: str = "batch",
         dropout: float = 0.0,
         time_embed_dim: int = 128,
-        self_condition: bool = False,
     ) -> None:
         super().__init__()
         if time_embed_dim < 2 or time_embed_dim % 2:
@@ -59,12 +51,11 @@ class DiffusionSegNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.time_embed_dim = time_embed_dim
-        self.self_condition = bool(self_condition)
         cond_dim = 4 * time_embed_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.vnet = VNet(
             spatial_dims=spatial_dims,
-            in_channels=in_channels + (2 if self.self_condition else 1) * out_channels,
+            in_channels=in_channels + out_channels,
             out_channels=out_channels,
             n_filters=n_filters,
             norm=norm,
@@ -79,7 +70,6 @@ class DiffusionSegNet(nn.Module):
         y_t: torch.Tensor,
         t: torch.Tensor,
         return_features: bool = False,
-        self_cond: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict clean-segmentation logits (eq. 3, x0-prediction).
 
@@ -88,7 +78,6 @@ class DiffusionSegNet(nn.Module):
             y_t: noised one-hot label (B, out_channels, *S) (eq. 5).
             t: diffusion timesteps (B,), integers in 1..T (``GaussianDiffusion`` convention).
             return_features: also return the last decoder feature map.
-            self_cond: with ``self_condition``, the previous clean-signal estimate (B, out_channels, *S); None: zeros.
 
         Returns:
             logits (B, out_channels, *S) [, features (B, n_filters, *S)].
@@ -99,12 +88,5 @@ class DiffusionSegNet(nn.Module):
             )
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
-        inputs = [x, y_t]
-        if self.self_condition:
-            inputs.append(torch.zeros_like(y_t) if self_cond is None else self_cond.to(y_t.dtype))
-            if inputs[-1].shape != y_t.shape:
-                raise ValueError(f"self_cond must have y_t's shape {tuple(y_t.shape)}, got {tuple(inputs[-1].shape)}")
-        elif self_cond is not None:
-            raise ValueError("self_cond was given to a DiffusionSegNet built with self_condition=False.")
         cond = self.time_mlp(get_timestep_embedding(t, self.time_embed_dim).to(x.dtype))
-        return self.vnet(torch.cat(inputs, dim=1), cond, return_features=return_features)
+        return self.vnet(torch.cat([x, y_t], dim=1), cond, return_features=return_features)

@@ -21,7 +21,7 @@ from monai.networks.layers.factories import Conv, Norm
 
 from diffcl_algo.networks.ssm import Mamba
 
-__all__ = ["GatedSpatialConv", "HFMamba", "LayerScale", "TriOrientedMamba", "high_pass"]
+__all__ = ["GatedSpatialConv", "HFMamba", "TriOrientedMamba", "high_pass"]
 
 
 def _high_pass_mask(spatial_shape: List[int], hf: float, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -133,26 +133,6 @@ class TriOrientedMamba(nn.Module):
         return out + scanned.unflatten(1, moved_shape).movedim(-2, axis).reshape(batch, length, channels)
 
 
-class LayerScale(nn.Module):
-    """Learnable per-channel scale (CaiT's LayerScale); (B, C, *spatial) -> same shape, ``x * gamma``.
-
-    Not in the paper: ``HFMamba(layer_scale=0.0)`` multiplies ``F_o`` by it, so that a CS with the module starts as
-    the CS without it (the V-Net adds ``F_o`` to the stage output) and training decides how much it contributes.
-
-    Args:
-        channels: C.
-        init: the initial value of every ``gamma``.
-    """
-
-    def __init__(self, channels: int, init: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((channels,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) -> (B, C, *spatial)."""
-        return x * self.gamma.view([1, -1] + [1] * (x.dim() - 2))
-
-
 class HFMamba(nn.Module):
     """High-frequency Mamba module (eq. 10); (B, C, *spatial) -> (B, C, *spatial).
 
@@ -172,8 +152,6 @@ class HFMamba(nn.Module):
         mlp_ratio: MLP hidden width = ``int(channels * mlp_ratio)``.
         slice_axis: interleaved axis of SM (``TriOrientedMamba``).
         gate: GSC branch combination (``GatedSpatialConv``).
-        layer_scale: ``None`` (the paper): ``F_o`` as eq. 10 gives it; a float: ``F_o`` times a per-channel
-            ``LayerScale`` that starts at this value (adds a ``scale.gamma`` parameter; not in the paper).
     """
 
     def __init__(
@@ -187,7 +165,6 @@ class HFMamba(nn.Module):
         mlp_ratio: float = 2.0,
         slice_axis: int = 0,
         gate: str = "mul",
-        layer_scale: Optional[float] = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -199,7 +176,6 @@ class HFMamba(nn.Module):
         self.sm = TriOrientedMamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, slice_axis=slice_axis)
         self.norm2 = nn.LayerNorm(channels)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        self.scale = LayerScale(channels, layer_scale) if layer_scale is not None else nn.Identity()
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """f (B, C, *spatial) -> F_o (B, C, *spatial) (eq. 10)."""
@@ -208,4 +184,4 @@ class HFMamba(nn.Module):
         tokens = f_h.flatten(2).transpose(1, 2)  # (B, L, C)
         f_m = self.sm(self.norm1(tokens), spatial) + tokens
         f_o = self.mlp(self.norm2(f_m)) + f_m
-        return self.scale(f_o.transpose(1, 2).reshape(f.shape))
+        return f_o.transpose(1, 2).reshape(f.shape)

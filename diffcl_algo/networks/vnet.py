@@ -160,8 +160,6 @@ class VNet(nn.Module):
         dropout: channel-dropout probability at the bottleneck and the last decoder map, in [0, 1).
         hfm_stages: encoder stages (1..5) followed by an HF-Mamba module.
         hfm_hf: HF-Mamba high-frequency fraction (paper Table 2 "HF").
-        hfm_layer_scale: ``None`` (the paper) or the initial per-channel scale of each HF-Mamba output (its
-            ``layer_scale``; 0.0 starts the CS as the network without HF-Mamba; not in the paper).
         cond_dim: size of the conditioning vector; ``None`` disables FiLM.
         residual: residual stages (``ResidualConvBlock``); ``False`` gives the field's plain ``ConvBlock`` net.
 
@@ -179,7 +177,6 @@ class VNet(nn.Module):
         dropout: float = 0.0,
         hfm_stages: Sequence[int] = (),
         hfm_hf: float = 0.7,
-        hfm_layer_scale: float | None = None,
         cond_dim: int | None = None,
         residual: bool = True,
     ) -> None:
@@ -227,7 +224,7 @@ class VNet(nn.Module):
         stage_channels = (n, 2 * n, 4 * n, 8 * n, 16 * n)
         self.hfm = nn.ModuleDict(
             {
-                str(s): HFMamba(spatial_dims=d, channels=stage_channels[s - 1], hf=hfm_hf, layer_scale=hfm_layer_scale)
+                str(s): HFMamba(spatial_dims=d, channels=stage_channels[s - 1], hf=hfm_hf)
                 for s in sorted(hfm_stages)
             }
         )

@@ -38,7 +38,7 @@ def weight_ema(network: nn.Module, decay: float, max_iterations: Optional[int] =
     The buffers, batch-norm statistics included, are not averaged but copied from the CS at each update: averaged
     statistics do not match averaged weights, and on a short run (the demo's 300 iterations) they made the average
     score 0.37 Dice where the CS scored 0.94 (docs/results.md). Polyak averaging of SGD's noisy last iterates; the
-    mean teacher of UA-MT / BCP with ``ema_pseudo_labels``.
+    mean teacher of UA-MT / BCP, which labels the unlabeled images (``DiffCLTrainer.cs_pseudo_labels``).
 
     Args:
         network: the CS network (not a DDP wrapper); it is deep-copied.

@@ -5,6 +5,8 @@
   and the round's metrics in TensorBoard at the trainer's iteration.
 * :class:`RunLog`: the run's ``train.log`` (the package's loggers, INFO) and the closing of its TensorBoard writer.
 * :class:`IterationProgressBar`: one tqdm bar over the whole run (``max_iterations``) with the loss terms.
+* :class:`PseudoLabelMonitor`: a research diagnostic, the Dice of each iteration's pseudo-labels against the unlabeled
+  cases' hidden labels (attached by ``experiments/monitor.yaml``; nothing is trained on them).
 
 The checkpoint handlers (``model.pt``, ``train_state.pt``) are in :mod:`diffcl_algo.training.checkpoint`.
 """
@@ -22,7 +24,9 @@ from monai.handlers import ValidationHandler
 from tqdm import tqdm
 
 from diffcl_algo.data.cases import item_case_name
+from diffcl_algo.data.transforms import HIDDEN_LABEL
 from diffcl_algo.evaluation.handlers import BarHandler
+from diffcl_algo.evaluation.metrics import foreground_dice
 from diffcl_algo.utils import is_main_process
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "VAL_ERROR_MODES",
     "GuardedValidationHandler",
     "IterationProgressBar",
+    "PseudoLabelMonitor",
     "RunLog",
     "ValidationReport",
 ]
@@ -250,3 +255,36 @@ class ValidationReport:
         if self.summary_writer is not None:
             for name, value in metrics.items():
                 self.summary_writer.add_scalar(name, value, iteration)
+
+
+class PseudoLabelMonitor:
+    """Dice of the CS / DS pseudo-labels ``(Y^u, Y~u)`` of each iteration against the unlabeled patches' hidden labels.
+
+    A research diagnostic: the batch must carry ``"hidden_label"`` (``CaseSplits(hidden_labels=True)`` and the
+    unlabeled transform's keys, as ``experiments/monitor.yaml`` sets them) and the trainer must run cross
+    pseudo-supervision (it leaves ``engine.state.pseudo_labels``); otherwise it records nothing. Each value goes to
+    ``engine.state.metrics`` (``pseudo_dice_cs``, ``pseudo_dice_ds``) and to TensorBoard at the iteration.
+
+    Args:
+        summary_writer: the run's TensorBoard writer (None: none, e.g. on ranks other than 0).
+    """
+
+    KEYS = ("pseudo_dice_cs", "pseudo_dice_ds")
+
+    def __init__(self, summary_writer: Optional[Any] = None) -> None:
+        self.summary_writer = summary_writer
+
+    def attach(self, engine: Engine) -> None:
+        """Record after every iteration."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        pseudo = getattr(engine.state, "pseudo_labels", None)
+        batch = engine.state.batch
+        if pseudo is None or not isinstance(batch, Mapping) or HIDDEN_LABEL not in batch:
+            return
+        hidden = batch[HIDDEN_LABEL]
+        for key, labels in zip(self.KEYS, pseudo):
+            engine.state.metrics[key] = foreground_dice(labels, hidden.to(labels.device))
+            if self.summary_writer is not None:
+                self.summary_writer.add_scalar(key, engine.state.metrics[key], engine.state.iteration)
