@@ -516,13 +516,10 @@ def worker(spec_path: str) -> dict[str, Any]:
 
 
 def scores(eval_dir: Path) -> dict[str, Any]:
-    """Mean and per-case metrics of one evaluation (``metrics_summary.json``, ``metrics.csv``)."""
-    summary = json.loads((eval_dir / "metrics_summary.json").read_text())
-    cases = {}
-    for line in (eval_dir / "metrics.csv").read_text().splitlines()[1:]:
-        name, *values = line.split(",")
-        cases[name] = dict(zip(METRICS, map(float, values)))
-    return {"mean": {m: summary["metrics"][m]["mean"] for m in METRICS}, "cases": cases}
+    """Mean and per-case metrics of one evaluation (imported here: the package's dependencies are carried)."""
+    from diffcl_algo.evaluation.handlers import read_case_metrics
+
+    return read_case_metrics(eval_dir)
 
 
 def weight_files(run_dir: Path) -> dict[str, Path]:

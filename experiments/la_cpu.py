@@ -37,6 +37,7 @@ import fire
 import numpy as np
 import torch
 
+from diffcl_algo.evaluation.handlers import read_case_metrics
 from diffcl_algo.training.checkpoint import validated_cs_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,6 @@ ROWS = {
 }
 #: Network / data ids that evaluation must share with training.
 SHARED_IDS = ("use_hfm", "hfm_stages", "normalize_intensity", "n_filters", "dataset_dir", "report_fold")
-METRICS = ("dice", "jaccard", "hd95", "asd")
 #: What ``average`` scores besides ``last``: the student's own weights, the average with the student's BN statistics.
 AVERAGE_KINDS = ("student", "average_student_bn")
 
@@ -98,15 +98,6 @@ def _last_weights(run_dir: Path, network: str = "cs_network") -> Path:
     path = run_dir / ("model_last.pt" if network == "cs_network" else "model_ds_last.pt")
     torch.save(validated_cs_weights(state) if network == "cs_network" else state[network], path)
     return path
-
-
-def _scores(eval_dir: Path) -> dict:
-    summary = json.loads((eval_dir / "metrics_summary.json").read_text())
-    cases = {}
-    for line in (eval_dir / "metrics.csv").read_text().splitlines()[1:]:
-        name, *values = line.split(",")
-        cases[name] = dict(zip(METRICS, map(float, values)))
-    return {"mean": {m: summary["metrics"][m]["mean"] for m in METRICS}, "cases": cases}
 
 
 def run_folder(num_labeled: int, seed: int, fold: int = 0) -> str:
@@ -162,7 +153,7 @@ def run(
         ds = {"eval_network": "ds", "ds_eval_steps": ds_eval_steps, "seed": seed} if kind == "ds_last" else {}
         _bundle("evaluating", evaluate, {**shared, **ds, "ckpt_path": str(path), "output_dir": str(eval_dir)},
                 run_dir / f"eval_{kind}.out")
-        summary[kind] = _scores(eval_dir)
+        summary[kind] = read_case_metrics(eval_dir)
     state_file = run_dir / "train_state.pt"
     if state_file.exists():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -193,7 +184,7 @@ def average(name: str, num_labeled: int = 8, seed: int = 0, fold: int = 0, root:
         torch.save(weights, path)
         _bundle("evaluating", EVALUATE, {**_shared(summary["row"], common), "ckpt_path": str(path),
                                          "output_dir": str(eval_dir)}, run_dir / f"eval_{kind}.out")  # fmt: skip
-        summary[kind] = _scores(eval_dir)
+        summary[kind] = read_case_metrics(eval_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {kind: round(summary[kind]["mean"]["dice"], 4) for kind in ("last", *kinds)}
 

@@ -240,13 +240,14 @@ def test_normalize_intensity_reaches_validation_and_inference(nifti_data: dict[s
             entry["label"] = entry["image"]
     (root / "datalist.json").write_text(json.dumps(datalist))
     config = ConfigParser.load_config_file(str(TEMPLATES_DIR / "diffcl" / "configs" / "hyper_parameters.yaml"))
+    nested = {k: v for k, v in TRAIN_PARAMS.items() if "#" in k}  # graph ids below the top level: overrides
     config.update(bundle_root=str(tmp_path / "algo"), data_file_base_dir=str(root), patch_size=[16, 16, 16],
-                  data_list_file_path=str(root / "datalist.json"), strides=[8, 8, 8],
-                  normalize_intensity=True, **TRAIN_PARAMS)  # fmt: skip
+                  data_list_file_path=str(root / "datalist.json"), strides=[8, 8, 8], normalize_intensity=True,
+                  **{k: v for k, v in TRAIN_PARAMS.items() if k not in nested})  # fmt: skip
     config_file = tmp_path / "hyper_parameters.yaml"
     ConfigParser.export_config_file(config, str(config_file), fmt="yaml")
 
-    summary = train(str(config_file))
+    summary = train(str(config_file), **nested)
     test_image = {"image": str(root / "img6.h5")}
     image = InferClass(str(config_file)).preprocessing(test_image)["image"]
     assert abs(float(image.mean())) < 1e-4 and float(image.std()) == pytest.approx(1.0, abs=1e-3)

@@ -224,7 +224,7 @@ def load_config(
         known = key in parser
         if known_only and not known:
             continue
-        if not known and ID_SEP_KEY in str(key):
+        if not known and any(sep in str(key) for sep in ("#", ID_SEP_KEY)):
             nested[key] = _coerce(value, None)
             continue
         parser[key] = _coerce(value, parser[key] if known else None)

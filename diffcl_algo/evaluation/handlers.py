@@ -57,6 +57,7 @@ __all__ = [
     "METRICS_CSV",
     "SUMMARY_JSON",
     "CaseMetricsWriter",
+    "read_case_metrics",
     "CaseProgress",
     "MedpyASD",
     "MedpyDice",
@@ -374,3 +375,16 @@ class CaseProgress(BarHandler):
         folders = sorted({str(Path(path).parent) for _, path in self.saved})
         n = len(self.saved)
         logger.info(f"{self.desc}: {n} mask{'s' if n != 1 else ''} written to {', '.join(folders)}")
+
+
+def read_case_metrics(output_dir: PathLike) -> dict[str, Any]:
+    """What :class:`CaseMetricsWriter` wrote to an evaluation's ``output_dir``, read back.
+
+    Returns:
+        ``{"mean": {metric: mean over the cases}, "cases": {case: {metric: value}}}`` (``metrics_summary.json``,
+        ``metrics.csv``).
+    """
+    summary = json.loads((Path(output_dir) / SUMMARY_JSON).read_text())
+    with open(Path(output_dir) / METRICS_CSV, newline="") as f:
+        cases = {row.pop("case"): {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)}
+    return {"mean": {name: stat["mean"] for name, stat in summary["metrics"].items()}, "cases": cases}
