@@ -46,7 +46,9 @@ from typing import Any, Callable, Iterable, Sequence
 import h5py
 import numpy as np
 
+from diffcl_algo.convert.writers import check_overwrite, write_h5
 from diffcl_algo.data.io import LAYOUTS, DataError, read_case_list
+from diffcl_algo.utils import write_text
 
 LIST_NAME = "train.list"
 FORMAT = "la-pack-3"
@@ -392,15 +394,6 @@ def _size(members: dict[str, np.ndarray]) -> int:
     return sum(v.nbytes for v in members.values())
 
 
-def _check_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        shown = "\n  ".join(existing[:10]) + ("\n  ..." if len(existing) > 10 else "")
-        raise DataError(
-            f"{len(existing)} output file(s) already exist, refusing to overwrite (pass --overwrite):\n  {shown}"
-        )
-
-
 def _save(out: Path, cases: list[str], encoded: dict[str, dict[str, np.ndarray]]) -> int:
     arrays = {"format": np.asarray(FORMAT), "cases": np.asarray(cases)}
     for case in cases:
@@ -439,7 +432,7 @@ def pack(
     """
     start = time.perf_counter()
     out = Path(dst)
-    _check_overwrite([out], overwrite)
+    check_overwrite([out], overwrite)
     listed = read_case_list(Path(src) / LIST_NAME)
     if max_mib is None:
         cases = select_cases(listed, head, tail)
@@ -476,25 +469,10 @@ def pack(
     }
 
 
-def write_case(path: Path, image: np.ndarray, label: np.ndarray, attrs: dict[str, Any], compress: bool = True) -> None:
-    """One LA h5 file: gzip datasets (the field's files) or, ``compress=False``, plain ones (faster to read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, array in (("image", image), ("label", label)):
-                f.create_dataset(name, data=array, compression="gzip" if compress else None)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _unpack_one(job: tuple[str, str, dict[str, np.ndarray], bool]) -> None:
     root, case, members, compress = job
     image, label, attrs = decode_case(members)
-    write_case(_case_path(root, case), image, label, attrs, compress)
+    write_h5(_case_path(root, case), {"image": image, "label": label}, attrs, compress)
 
 
 def unpack(src: str, dst: str, workers: int = 1, overwrite: bool = False, compress: bool = True) -> dict[str, Any]:
@@ -518,10 +496,10 @@ def unpack(src: str, dst: str, workers: int = 1, overwrite: bool = False, compre
         raise DataError(f"{src}: not a packed LA file ({err})") from err
     if found != FORMAT:
         raise DataError(f"{src}: packed in {found}, not {FORMAT}; pack it again with experiments/pack_la.py pack")
-    _check_overwrite([_case_path(dst, c) for c in cases] + [Path(dst) / LIST_NAME], overwrite)
+    check_overwrite([_case_path(dst, c) for c in cases] + [Path(dst) / LIST_NAME], overwrite)
     jobs = [(str(dst), c, {k: packed[f"{c}.{k}"] for k in KEYS}, bool(compress)) for c in cases]
     _map(_unpack_one, jobs, workers)
-    (Path(dst) / LIST_NAME).write_text("".join(f"{c}\n" for c in cases))
+    write_text(Path(dst) / LIST_NAME, "".join(f"{c}\n" for c in cases))
     return {"cases": len(cases), "seconds": round(time.perf_counter() - start, 1)}
 
 

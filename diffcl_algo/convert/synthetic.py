@@ -2,6 +2,9 @@
 
 - :func:`make_synthetic_dataset`: a preprocessed h5 dataset in one of the field's layouts (default LA), with
   blob-shaped foreground on a noisy, smoothly biased background: learnable by a tiny network in a few steps.
+- :func:`make_shifted_dataset`: the same cases in the LA layout as a semi-supervised task with a distribution shift:
+  the few labeled cases all have a high foreground contrast, the unlabeled, validation and test cases a spread of
+  lower ones (the demo's dataset).
 - :func:`make_synthetic_brats_raw` / :func:`make_synthetic_pancreas_raw`: raw challenge-form NIfTI inputs for
   :mod:`diffcl_algo.convert.prepare`, scaled-down shapes with realistic dtypes, spacings, intensity ranges and
   label codes.
@@ -20,7 +23,16 @@ from scipy.ndimage import gaussian_filter
 from diffcl_algo.convert.writers import check_overwrite, write_h5, write_text
 from diffcl_algo.data.io import LA_SPACING, LAYOUTS, LIST_NAMES
 
-__all__ = ["make_synthetic_dataset", "make_synthetic_brats_raw", "make_synthetic_pancreas_raw"]
+__all__ = [
+    "REFERENCE_CONTRAST",
+    "make_synthetic_dataset",
+    "make_shifted_dataset",
+    "make_synthetic_brats_raw",
+    "make_synthetic_pancreas_raw",
+]
+
+#: Foreground contrast of :func:`make_synthetic_dataset`'s cases: the intensity step of the label before z-scoring.
+REFERENCE_CONTRAST = 1.5
 
 def _ellipsoid(shape: Sequence[int], center: Sequence[float], radii: Sequence[float]) -> np.ndarray:
     """Boolean (X, Y, Z) mask of an axis-aligned ellipsoid (voxel units)."""
@@ -43,6 +55,18 @@ def _blobs(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
         radii = rng.uniform(0.1, 0.2, 3) * shape
         mask |= _ellipsoid(mask.shape, center, np.maximum(radii, 2.0))
     return mask
+
+
+def _synthetic_case(
+    shape: Sequence[int], rng: np.random.Generator, contrast: float = REFERENCE_CONTRAST
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image float32, label uint8)`` of one synthetic case: ``label`` = :func:`_blobs`, ``image`` = ``contrast *
+    label`` + smooth bias field + smooth and white noise, z-scored over the volume."""
+    label = _blobs(shape, rng)
+    image = contrast * label + 0.5 * _smooth_noise(shape, rng, 6.0) + 0.3 * _smooth_noise(shape, rng, 1.0)
+    image += 0.3 * rng.standard_normal(tuple(shape))
+    image = (image - image.mean()) / image.std()
+    return image.astype(np.float32), label.astype(np.uint8)
 
 
 def make_synthetic_dataset(
@@ -85,13 +109,81 @@ def make_synthetic_dataset(
     spacing = LA_SPACING if kind == "la" else (1.0, 1.0, 1.0)
     rng = np.random.default_rng(seed)
     for path in paths:
-        label = _blobs(shape, rng)
-        image = 1.5 * label + 0.5 * _smooth_noise(shape, rng, 6.0) + 0.3 * _smooth_noise(shape, rng, 1.0)
-        image += 0.3 * rng.standard_normal(tuple(shape))
-        image = (image - image.mean()) / image.std()
-        write_h5(path, {"image": image.astype(np.float32), "label": label.astype(np.uint8)}, {"spacing": spacing})
+        image, label = _synthetic_case(shape, rng)
+        write_h5(path, {"image": image, "label": label}, {"spacing": spacing})
     train, test = names[: num_cases - num_test], names[num_cases - num_test :]
     for list_name, cases in zip(list_names, [train] + [test] * (len(list_names) - 1)):
+        write_text(root / list_name, "".join(f"{c}\n" for c in cases))
+    return root
+
+
+def _stratified(n: int, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` values spread over ``[low, high]``: one uniform draw in each of ``n`` equal sub-intervals, shuffled."""
+    return low + (high - low) * rng.permutation((np.arange(n) + rng.uniform(0.0, 1.0, n)) / n)
+
+
+def make_shifted_dataset(
+    dst: PathLike,
+    num_labeled: int = 3,
+    num_unlabeled: int = 9,
+    num_val: int = 2,
+    num_test: int = 4,
+    shape: Sequence[int] = (48, 48, 32),
+    seed: int = 0,
+    contrast_range: Sequence[float] = (0.8, REFERENCE_CONTRAST),
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic LA-layout dataset whose few labeled cases do not represent the population: a semi-supervised
+    task with a distribution shift that the unlabeled pool and the test set share.
+
+    The cases are :func:`make_synthetic_dataset`'s (blob foreground on a noisy, biased background, z-scored) with one
+    difference: the foreground contrast (the intensity step of the label before z-scoring). The labeled cases all
+    have ``REFERENCE_CONTRAST``, as when the clearest scans of a collection are the ones annotated first; the
+    unlabeled, validation and test cases are drawn from the whole collection, their contrasts spread over
+    ``contrast_range`` (stratified within each group: one uniform draw in each of its equal sub-intervals, so every
+    group spans the range). A model fitted to the labeled cases alone learns the reference contrast; the unlabeled
+    cases show the lower ones that the test cases have. Each case file records its contrast as the h5 attribute
+    ``contrast``.
+
+    ``train.list`` = ``num_labeled`` labeled, ``num_unlabeled`` unlabeled, then ``num_val`` validation cases (the
+    order :class:`~diffcl_algo.data.splits.CaseSplits` reads with ``num_labeled`` and ``num_val_holdout``);
+    ``test.list`` = ``num_test`` test cases. Cases ``synth_la_000...`` in that order. Deterministic in ``seed``.
+
+    Args:
+        dst: dataset root to create.
+        num_labeled: cases at the reference contrast, first in ``train.list`` (the labeled ones).
+        num_unlabeled: cases of the collection after them in ``train.list`` (the unlabeled pool).
+        num_val: cases of the collection at the end of ``train.list`` (validation, ``num_val_holdout``).
+        num_test: cases of the collection in ``test.list``.
+        shape: volume shape (X, Y, Z).
+        seed: random seed.
+        contrast_range: ``(low, high)`` foreground contrasts of the collection (``REFERENCE_CONTRAST`` is 1.5).
+        overwrite: replace existing files.
+
+    Returns:
+        ``Path(dst)``.
+    """
+    counts = {"num_labeled": num_labeled, "num_unlabeled": num_unlabeled, "num_val": num_val, "num_test": num_test}
+    bad = {k: v for k, v in counts.items() if int(v) < (0 if k == "num_val" else 1)}
+    if bad:
+        raise ValueError(f"need num_labeled, num_unlabeled, num_test >= 1 and num_val >= 0, got {bad}")
+    low, high = (float(c) for c in contrast_range)
+    if not 0.0 < low <= high:
+        raise ValueError(f"contrast_range must be (low, high) with 0 < low <= high, got {contrast_range}")
+    root = Path(dst)
+    groups = [num_labeled, num_unlabeled, num_val, num_test]
+    names = [f"synth_la_{i:03d}" for i in range(sum(groups))]
+    paths = [root / LAYOUTS["la"].format(case=n) for n in names]
+    check_overwrite(paths + [root / n for n in LIST_NAMES["la"]], overwrite)
+    rng = np.random.default_rng(seed)
+    contrasts = np.concatenate(
+        [np.full(num_labeled, REFERENCE_CONTRAST)] + [_stratified(int(n), low, high, rng) for n in groups[1:]]
+    )
+    for path, contrast in zip(paths, contrasts):
+        image, label = _synthetic_case(shape, rng, float(contrast))
+        write_h5(path, {"image": image, "label": label}, {"spacing": LA_SPACING, "contrast": float(contrast)})
+    num_train = sum(groups[:3])
+    for list_name, cases in zip(LIST_NAMES["la"], [names[:num_train], names[num_train:]]):
         write_text(root / list_name, "".join(f"{c}\n" for c in cases))
     return root
 

@@ -20,11 +20,14 @@ from diffcl_algo.utils import atomic_write, write_text
 __all__ = ["write_h5", "write_lists", "check_overwrite"]
 
 
-def write_h5(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> None:
-    """Write ``arrays`` as gzip-compressed h5 datasets (the field's format) plus file ``attrs``, atomically."""
+def write_h5(
+    path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None, compress: bool = True
+) -> None:
+    """Write ``arrays`` as h5 datasets plus file ``attrs``, atomically: gzip-compressed (the field's format) or, with
+    ``compress=False``, plain (faster to read, larger)."""
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         for name, array in arrays.items():
-            f.create_dataset(name, data=array, compression="gzip")
+            f.create_dataset(name, data=array, compression="gzip" if compress else None)
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
 
