@@ -23,6 +23,7 @@ import numpy as np
 
 from diffcl_algo.data.io import read_case_list
 from diffcl_algo.evaluation.metrics import case_metrics
+from diffcl_algo.utils import as_bool
 
 REPO = Path(__file__).resolve().parents[1]
 INFERENCE = REPO / "bundles/la/configs/inference.yaml"
@@ -39,17 +40,21 @@ def write_scan(h5_file: Path, folder: Path) -> tuple[Path, np.ndarray]:
     return scan, label
 
 
-def segment(scans: list[Path], output_dir: Path) -> None:
+def segment(scans: list[Path], output_dir: Path, keep_largest_component: bool = True) -> None:
     """The README's command: ``python -m diffcl_algo run inferring --config_file ... --images [...]``."""
     images = "[" + ",".join(f"'{s}'" for s in scans) + "]"
     cmd = [sys.executable, "-m", "diffcl_algo", "run", "inferring", "--config_file", str(INFERENCE),
-           "--images", images, "--output_dir", str(output_dir)]  # fmt: skip
+           "--images", images, "--output_dir", str(output_dir),
+           "--keep_largest_component", str(as_bool(keep_largest_component)).lower()]  # fmt: skip
     subprocess.run(cmd, check=True)
 
 
-def score(src: str = "../shared/data/LA", report: int = 16, work: str = "runs/shipped_weights") -> None:
+def score(
+    src: str = "../shared/data/LA", report: int = 16, work: str = "runs/shipped_weights", keep_largest: bool = True
+) -> None:
     """Segment the last ``report`` cases of ``<src>/train.list`` (the CPU protocol's report split, fold 0), score
-    them and write ``<work>/scores.json`` (``{"cases": {case: metrics}, "mean": metrics}``)."""
+    them and write ``<work>/scores.json`` (``{"cases": {case: metrics}, "mean": metrics}``); ``keep_largest``: the
+    bundle's ``keep_largest_component`` (its default, True, or False: the masks as the network gives them)."""
     root, out = Path(src), Path(work)
     (out / "scans").mkdir(parents=True, exist_ok=True)
     cases = read_case_list(root / "train.list")[-report:]
@@ -57,7 +62,7 @@ def score(src: str = "../shared/data/LA", report: int = 16, work: str = "runs/sh
     for case in cases:
         scan, labels[case] = write_scan(root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5", out / "scans")
         scans.append(scan)
-    segment(scans, out / "masks")
+    segment(scans, out / "masks", keep_largest)
     per_case = {}
     for case in cases:
         mask = np.asarray(nib.load(out / "masks" / f"{case}.nii.gz").dataobj)

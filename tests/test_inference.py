@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +97,32 @@ def test_stride_to_overlap():
     assert stride_to_overlap((112, 112, 80), 18) == stride_to_overlap((112, 112, 80), (18, 18, 18))
     with pytest.raises(ValueError):
         stride_to_overlap((16,), (17,))
+
+
+@pytest.mark.parametrize("keep_largest", [0, 2])
+def test_evaluation_keeps_the_largest_component_when_asked(tmp_path, keep_largest):
+    """``keep_largest_component``: an island apart from the structure leaves the mask; the structure stays whole."""
+    from monai.data import MetaTensor
+
+    from diffcl_algo.inference.chains import eval_postprocessing
+
+    probs = torch.zeros(2, 12, 12, 8)
+    probs[0] = 1.0
+    probs[:, 2:7, 2:7, 2:6] = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)  # the structure: 5x5x4 voxels
+    probs[:, 10:12, 10:12, 6:8] = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)  # an island: 2x2x2 voxels
+    chain = eval_postprocessing(tmp_path, save_predictions=False, keep_largest=keep_largest)
+    mask = chain({"pred": MetaTensor(probs)})["pred"]
+    assert int(mask[0, 2:7, 2:7, 2:6].sum()) == 100
+    assert int(mask.sum()) == (100 if keep_largest else 108)
+
+
+def test_the_la_bundle_keeps_the_largest_component_and_the_graph_does_not():
+    from monai.bundle import ConfigParser
+
+    from diffcl_algo.bundle.compose import CONFIG_DIR
+
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    for workflow in ("evaluate", "inference"):
+        la = ConfigParser.load_config_file(str(bundles / "la" / "configs" / f"{workflow}.yaml"))
+        assert la["keep_largest_component"] is True
+    assert ConfigParser.load_config_file(str(CONFIG_DIR / "evaluate.yaml"))["keep_largest_component"] is False

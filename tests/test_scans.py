@@ -33,7 +33,9 @@ PATCH, STRIDES = [16, 16, 16], [8, 8, 8]
 LA_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "la"
 #: The LA inference graph resampled to the scans' own 0.625 mm (its default is the shipped weights' 1.25 mm), so the
 #: threshold network's expected mask is known voxel by voxel.
-AT_SCAN_SPACING = {"model_spacing": [SPACING] * 3}
+#: the LA inference at the scans' own spacing, keeping every component: these tests check the geometry with a
+#: threshold network, whose mask has many components (the largest-component step is tested in test_inference.py)
+AT_SCAN_SPACING = {"model_spacing": [SPACING] * 3, "keep_largest_component": False}
 
 
 def _affine(origin=(10.0, -5.0, 3.0)) -> np.ndarray:

@@ -41,6 +41,7 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     Invertd,
+    KeepLargestConnectedComponentd,
     NormalizeIntensityd,
     Orientationd,
     Spacingd,
@@ -127,12 +128,21 @@ def scan_preprocessing(
     return Compose(steps)
 
 
+def _largest_component(keep_largest: int, pred_key: str) -> list:
+    """``KeepLargestConnectedComponentd`` of each foreground class ``1..keep_largest - 1`` of a label map (none for
+    ``keep_largest`` 0): one structure per class, so islands far from it (false positives) go."""
+    if not keep_largest:
+        return []
+    return [KeepLargestConnectedComponentd(keys=pred_key, applied_labels=list(range(1, int(keep_largest))))]
+
+
 def scan_postprocessing(
     preprocessing: Compose,
     output_dir: PathLike | None = None,
     argmax: bool = True,
     pred_key: str = "pred",
     image_key: str = "image",
+    keep_largest: int = 0,
 ) -> Compose:
     """Class probabilities back on the input's grid (``Invertd``), argmax, and (with ``output_dir``) the mask file.
 
@@ -141,12 +151,14 @@ def scan_postprocessing(
         output_dir: where ``<case>.nii.gz`` (uint8, the input's shape and affine) goes; None: nothing written.
         argmax: turn the probabilities (C, *S) into a label map (1, *S) (needed to write the mask).
         pred_key, image_key: keys of the probabilities (C, *S') and of the preprocessed image.
+        keep_largest: 0, or the number of classes ``C``: keep the largest connected component of each foreground
+            class of the label map (the bundle's ``keep_largest_component``).
     """
     steps: list = [
         Invertd(keys=pred_key, transform=preprocessing, orig_keys=image_key, nearest_interp=False, to_tensor=True)
     ]
     if argmax or output_dir is not None:
-        steps.append(AsDiscreted(keys=pred_key, argmax=True))
+        steps += [AsDiscreted(keys=pred_key, argmax=True), *_largest_component(keep_largest, pred_key)]
     if output_dir is not None:
         steps.append(save_prediction(output_dir, pred_key))
     return Compose(steps)
@@ -174,7 +186,7 @@ def eval_preprocessing(
     return Compose([chain, CaseNamed("image", case_key=case_key)])
 
 
-def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> Compose:
+def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True, keep_largest: int = 0) -> Compose:
     """Argmax of ``pred``, then (if ``save_predictions``) ``SaveImaged`` as ``<output_dir>/<case>.nii.gz``.
 
     The saved prediction is a uint8 label map with the image's spatial shape and affine (no resampling); its
@@ -183,8 +195,9 @@ def eval_postprocessing(output_dir: PathLike, save_predictions: bool = True) -> 
     Args:
         output_dir: where predictions go.
         save_predictions: write the NIfTI predictions.
+        keep_largest: 0, or the number of classes: keep the largest connected component of each foreground class.
     """
-    transforms: list = [AsDiscreted(keys="pred", argmax=True)]
+    transforms: list = [AsDiscreted(keys="pred", argmax=True), *_largest_component(keep_largest, "pred")]
     if save_predictions:
         transforms.append(save_prediction(output_dir))
     return Compose(transforms)
