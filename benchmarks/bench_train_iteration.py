@@ -62,8 +62,13 @@ def make_batch(args: argparse.Namespace) -> dict:
     return {"image": image, "label": label}
 
 
-def time_mode(mode: dict, args: argparse.Namespace, device: torch.device, amp: str) -> tuple[float, float]:
+def time_mode(
+    mode: dict, args: argparse.Namespace, device: torch.device, amp: str, compile: bool = False
+) -> tuple[float, float]:
     trainer = make_trainer(mode, args, device, amp)
+    if compile:  # in place (nn.Module.compile): the trainer, its EMA and optimizers keep the same modules
+        for net in (trainer.cs_network, trainer.ds_network):
+            net.compile()
     batch = make_batch(args)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -109,19 +114,27 @@ def main() -> None:
     parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bfloat16", "float16"])
     parser.add_argument("--profile", type=int, default=0, help="print the top N operators of a full iteration")
     parser.add_argument("--channels_last", action="store_true", help="V-Nets in channels-last memory order")
+    parser.add_argument("--compile", action="store_true", help="also time each mode with the CS and DS compiled")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), metavar="MODE")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     layout = "channels-last" if args.channels_last else "contiguous"
     print(f"torch {torch.__version__}, {name}, patch {tuple(args.patch)}, n_filters {args.n_filters}, 2+2, {layout}")
-    print(f"{'precision':>10} {'mode':>16} {'s/iter':>8} {'peak GiB':>9}")
+    header = f"{'precision':>10} {'mode':>16} {'s/iter':>8} {'peak GiB':>9}"
+    print(header + (f" {'compiled':>9} {'speed-up':>9}" if args.compile else ""))
     for amp in args.amp:
         results = {}
-        for label, mode in MODES.items():
-            results[label] = time_mode(mode, args, device, amp)
-            print(f"{amp:>10} {label:>16} {results[label][0]:8.3f} {results[label][1]:9.2f}")
-        ratio = results["full Diff-CL"][0] / results["supervised-only"][0]
-        print(f"{amp:>10} overhead full / supervised-only = {ratio:.2f}x")
+        for label in args.modes:
+            results[label] = time_mode(MODES[label], args, device, amp)
+            line = f"{amp:>10} {label:>16} {results[label][0]:8.3f} {results[label][1]:9.2f}"
+            if args.compile:  # side by side: the same mode, then compiled
+                compiled = time_mode(MODES[label], args, device, amp, compile=True)[0]
+                line += f" {compiled:9.3f} {results[label][0] / compiled:8.2f}x"
+            print(line, flush=True)
+        if {"full Diff-CL", "supervised-only"} <= set(results):
+            ratio = results["full Diff-CL"][0] / results["supervised-only"][0]
+            print(f"{amp:>10} overhead full / supervised-only = {ratio:.2f}x")
     if args.profile:
         profile_full(args, device, args.profile)
 

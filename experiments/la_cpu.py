@@ -12,6 +12,7 @@ workflow, and writes ``summary.json``. ``table`` puts the rows side by side, mea
     python experiments/la_cpu.py monitor --rows "full cps" --num_labeled 8 --seed 0
     python experiments/la_cpu.py run full --num_labeled 4 --seed 1 --fold 2      # report on the 3rd block from the end
     python experiments/la_cpu.py compare full sup --num_labeled 4               # paired, over every seed and fold
+    python experiments/la_cpu.py curve "sup_avg_i1280 sup_avg_i3072" --root runs/long  # Dice vs CPU minutes
     python experiments/la_cpu.py average full_ema --num_labeled 4 --seed 0     # an ema_decay run's student, too
 
 Rows: ``reference`` (the field's supervised recipe, ``experiments/reference_supervised.py``), the Table 6 rows ``sup``
@@ -36,6 +37,7 @@ from typing import Any
 import fire
 import numpy as np
 import torch
+import yaml
 
 from diffcl_algo.evaluation.handlers import read_case_metrics
 from diffcl_algo.training.checkpoint import validated_cs_weights
@@ -275,6 +277,40 @@ def _compare(a: str, b: str, num_labeled: int, weights: str, root: str) -> str:
     return "\n".join(lines)
 
 
+def train_minutes(run_dir: Path) -> float:
+    """Minutes of a run's training engine (ignite's ``Engine run finished. Time taken`` line in ``train.out``)."""
+    text = (run_dir / "train.out").read_text()
+    lines = [ln for ln in text.splitlines() if "DiffCLTrainer" in ln and "finished" in ln]
+    if not lines:
+        raise ValueError(f"{run_dir / 'train.out'} records no finished training")
+    h, m, sec = lines[-1].rsplit("Time taken: ", 1)[1].split(":")
+    return int(h) * 60 + int(m) + float(sec) / 60
+
+
+def curve(names: str, low: int = 8, high: int = 54, weights: str = "last", root: str = "runs/long") -> str:
+    """Dice against CPU minutes: per result folder (one budget each, e.g. ``sup_avg_i3072``), the row at ``low`` and
+    at ``high`` labeled cases (mean and median case, every seed and fold pooled), the training minutes of one run and
+    the room ``high - low``."""
+    cpu = yaml.safe_load((REPO / "bundles/la/configs/cpu.yaml").read_text())
+    lines = [f"| budget | iterations | minutes / run (LA {low}, {high}) | LA {low} Dice (median) | "
+             f"{high} labeled Dice (median) | room |", "|---" * 6 + "|"]  # fmt: skip
+    for name in str(names).split():
+        row, minutes, iterations = {}, [], None
+        for labeled in (low, high):
+            runs = sorted((REPO / root / name).glob(f"l{labeled}_s*"))
+            values = [v for s in _by_seed(name, labeled, weights, root).values() for v in s.values()]
+            if not values:
+                raise ValueError(f"{root}/{name} has no scored run at {labeled} labeled cases")
+            row[labeled] = (float(np.mean(values)), float(np.median(values)))
+            minutes.append(np.mean([train_minutes(r) for r in runs]))
+            summary = json.loads((runs[0] / "summary.json").read_text())
+            iterations = summary["overrides"].get("max_iterations", cpu["max_iterations"])
+        room = row[high][0] - row[low][0]
+        lines.append(f"| {name} | {iterations} | {minutes[0]:.0f}, {minutes[1]:.0f} | {row[low][0]:.3f} "
+                     f"({row[low][1]:.3f}) | {row[high][0]:.3f} ({row[high][1]:.3f}) | {room:+.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 MONITOR_TAGS = ("pseudo_dice_cs", "pseudo_dice_ds", "loss_cl", "loss_cps_cs", "loss_sup_cs")
 
 
@@ -301,4 +337,5 @@ def monitor(rows: str, num_labeled: int = 8, seed: int = 0, window: int = 128, r
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    fire.Fire({"run": run, "average": average, "table": table, "cases": cases, "monitor": monitor, "compare": compare})
+    fire.Fire({"run": run, "average": average, "table": table, "cases": cases, "monitor": monitor, "compare": compare,
+               "curve": curve})

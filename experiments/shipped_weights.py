@@ -5,6 +5,8 @@ files' 0.625 mm voxels, segmented by the bundle's inference command without ``--
 ``bundles/la/models/model.pt``), and its mask scored against the label at full resolution::
 
     python experiments/shipped_weights.py --src ../shared/data/LA
+    python experiments/shipped_weights.py --tta_flip true --work runs/shipped_tta   # + flip test-time augmentation
+    python experiments/shipped_weights.py --ckpt_path runs/x/model.pt --work runs/x_scans  # other weights, same network
 
 Writes ``<work>/scores.json`` and prints the per-case table of ``bundles/la/docs/README.md``.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fire
@@ -40,21 +43,30 @@ def write_scan(h5_file: Path, folder: Path) -> tuple[Path, np.ndarray]:
     return scan, label
 
 
-def segment(scans: list[Path], output_dir: Path, keep_largest_component: bool = True) -> None:
-    """The README's command: ``python -m diffcl_algo run inferring --config_file ... --images [...]``."""
+def segment(scans: list[Path], output_dir: Path, options: dict[str, str]) -> None:
+    """The README's command: ``python -m diffcl_algo run inferring --config_file ... --images [...]``, plus
+    ``--<id> <value>`` for each of ``options``."""
     images = "[" + ",".join(f"'{s}'" for s in scans) + "]"
     cmd = [sys.executable, "-m", "diffcl_algo", "run", "inferring", "--config_file", str(INFERENCE),
-           "--images", images, "--output_dir", str(output_dir),
-           "--keep_largest_component", str(as_bool(keep_largest_component)).lower()]  # fmt: skip
+           "--images", images, "--output_dir", str(output_dir)]  # fmt: skip
+    for key, value in options.items():
+        cmd += [f"--{key}", value]
     subprocess.run(cmd, check=True)
 
 
 def score(
-    src: str = "../shared/data/LA", report: int = 16, work: str = "runs/shipped_weights", keep_largest: bool = True
+    src: str = "../shared/data/LA",
+    report: int = 16,
+    work: str = "runs/shipped_weights",
+    keep_largest: bool = True,
+    tta_flip: bool = False,
+    ckpt_path: str = "",
 ) -> None:
     """Segment the last ``report`` cases of ``<src>/train.list`` (the CPU protocol's report split, fold 0), score
-    them and write ``<work>/scores.json`` (``{"cases": {case: metrics}, "mean": metrics}``); ``keep_largest``: the
-    bundle's ``keep_largest_component`` (its default, True, or False: the masks as the network gives them)."""
+    them and write ``<work>/scores.json`` (``{"cases": {case: metrics}, "mean": metrics, "seconds": s}``);
+    ``keep_largest``: the bundle's ``keep_largest_component`` (its default, True, or False: the masks as the network
+    gives them); ``tta_flip``: the bundle's flip test-time augmentation; ``ckpt_path``: weights other than the shipped
+    ones (the bundle's network)."""
     root, out = Path(src), Path(work)
     (out / "scans").mkdir(parents=True, exist_ok=True)
     cases = read_case_list(root / "train.list")[-report:]
@@ -62,18 +74,24 @@ def score(
     for case in cases:
         scan, labels[case] = write_scan(root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5", out / "scans")
         scans.append(scan)
-    segment(scans, out / "masks", keep_largest)
+    options = {"keep_largest_component": str(as_bool(keep_largest)).lower(), "tta_flip": str(as_bool(tta_flip)).lower()}
+    if ckpt_path:
+        options["ckpt_path"] = str(Path(ckpt_path).resolve())
+    start = time.perf_counter()
+    segment(scans, out / "masks", options)
+    seconds = time.perf_counter() - start
     per_case = {}
     for case in cases:
         mask = np.asarray(nib.load(out / "masks" / f"{case}.nii.gz").dataobj)
         per_case[case] = case_metrics(mask, labels[case], LA_SPACING)
     mean = {m: float(np.mean([v[m] for v in per_case.values()])) for m in METRICS}
-    result = {"cases": per_case, "mean": mean}
+    result = {"cases": per_case, "mean": mean, "seconds": seconds}
     (out / "scores.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["| case | Dice | Jaccard | 95HD (mm) | ASD (mm) |", "|---|---|---|---|---|"]
     for case, v in [*per_case.items(), ("**mean**", mean)]:
         lines.append(f"| {case} | {v['dice']:.4f} | {v['jaccard']:.4f} | {v['hd95']:.2f} | {v['asd']:.2f} |")
     print("\n".join(lines))
+    print(f"inference command: {seconds:.0f} s for {len(cases)} scans")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+import yaml
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.data import DataError
@@ -268,3 +269,18 @@ def test_la_cpu_protocol_layers_over_train_and_evaluate(datasets, tmp_path):
     _run(ev)
     summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
     assert summary["count"] >= 1 and 0.0 <= summary["metrics"]["dice"]["mean"] <= 1.0
+
+
+def test_la_long_protocol_changes_only_the_budget():
+    """``cpu_long.yaml`` over ``cpu.yaml``: more iterations, sparser validation and checkpoints; the split, data,
+    network, patch and loss weights stay ``cpu.yaml``'s (and the ramp still spans the run: ``t_max`` is derived)."""
+    configs = REPO / "bundles/la/configs"
+    cpu = yaml.safe_load((configs / "cpu.yaml").read_text())
+    long = yaml.safe_load((configs / "cpu_long.yaml").read_text())
+    assert set(long) == {"max_iterations", "val_interval", "ckpt_interval"}
+    assert long["max_iterations"] > cpu["max_iterations"] and long["max_iterations"] % long["val_interval"] == 0
+    for workflow in ("train", "evaluate"):
+        parser = ConfigParser()
+        parser.read_config([str(configs / name) for name in (f"{workflow}.yaml", "cpu.yaml", "cpu_long.yaml")])
+        for key, value in {**cpu, **long}.items():
+            assert parser[key] == value, key

@@ -145,3 +145,21 @@ def test_ds_scored_alone_from_noise_and_the_pseudo_label_monitor(la_copy, tmp_pa
     logged = la_cpu.monitor(rows="cps", num_labeled=4, seed=0, window=1, root=str(tmp_path)).splitlines()
     assert logged[1].split()[1:3] == ["pseudo_dice_cs", "pseudo_dice_ds"]
     assert all(0.0 <= float(v) <= 1.0 for row in logged[2:] for v in row.split()[1:3])
+
+
+def test_curve_puts_the_room_beside_the_budget(la_copy, tmp_path):
+    """``curve``: one line per budget, the low and high labeled rows' mean (median) Dice, minutes and their gap."""
+    la_cpu = _load("la_cpu")
+    for labeled in (2, 4):
+        la_cpu.run("sup_avg", num_labeled=labeled, seed=0, set=f"dataset_dir={la_copy} max_iterations=2",
+                   name="i2", root=str(tmp_path))  # fmt: skip
+    lines = la_cpu.curve("i2", low=2, high=4, root=str(tmp_path)).splitlines()
+    assert lines[0].startswith("| budget | iterations | minutes / run (LA 2, 4) |") and len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    mean = {n: json.loads((tmp_path / "i2" / f"l{n}_s0" / "summary.json").read_text())["last"]["mean"]["dice"]
+            for n in (2, 4)}  # fmt: skip
+    assert cells[:2] == ["i2", "2"] and cells[3].startswith(f"{mean[2]:.3f} (")
+    assert cells[5] == f"{mean[4] - mean[2]:+.3f}"
+    assert all(float(m) >= 0 for m in cells[2].split(", "))
+    with pytest.raises(ValueError, match="no scored run at 8"):
+        la_cpu.curve("i2", low=8, high=4, root=str(tmp_path))

@@ -126,3 +126,39 @@ def test_the_la_bundle_keeps_the_largest_component_and_the_graph_does_not():
         la = ConfigParser.load_config_file(str(bundles / "la" / "configs" / f"{workflow}.yaml"))
         assert la["keep_largest_component"] is True
     assert ConfigParser.load_config_file(str(CONFIG_DIR / "evaluate.yaml"))["keep_largest_component"] is False
+
+
+def test_flip_tta_averages_the_flipped_passes():
+    """flip_axes: the mean of the plain pass and each flipped pass flipped back; a flip-equivariant net is unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
+    image = torch.randn(1, 1, 21, 13, 18)
+    patch, stride = (16, 16, 8), (4, 3, 5)
+    plain = DiffCLSlidingWindowInferer(patch, stride)
+    with torch.no_grad():
+        base = plain(image, net)
+        flipped = torch.flip(plain(torch.flip(image, (2, 4)), net), (2, 4))
+        tta = DiffCLSlidingWindowInferer(patch, stride, flip_axes=[[0, 2]])(image, net)
+    torch.testing.assert_close(tta, (base + flipped) / 2)
+    assert not torch.allclose(base, flipped, atol=1e-3)  # the flip changes this net's output: the test can tell
+    mean_net = nn.Sequential(nn.Conv3d(1, 2, 1))  # pointwise: equivariant to flips, sliding window aside
+    with torch.no_grad():
+        torch.testing.assert_close(
+            DiffCLSlidingWindowInferer(patch, patch, flip_axes=[[0], [1], [2]])(image[..., :16, :13, :8], mean_net),
+            DiffCLSlidingWindowInferer(patch, patch)(image[..., :16, :13, :8], mean_net),
+        )
+    for bad in ([[3]], [[]]):
+        with pytest.raises(ValueError, match="flip_axes"):
+            DiffCLSlidingWindowInferer(patch, stride, flip_axes=bad)
+    with pytest.raises(ValueError, match="softmax"):
+        DiffCLSlidingWindowInferer(patch, stride, softmax=False, flip_axes=[[0]])
+
+
+@pytest.mark.parametrize("workflow", ["evaluate", "inference"])
+def test_tta_flip_option_reaches_the_inferer(workflow):
+    """``--tta_flip true`` in evaluation and inference: the inferer averages the three single-axis flips."""
+    from diffcl_algo.bundle.run import load_bundle
+
+    assert load_bundle("la", workflow, device="cpu").get_parsed_content("inferer").flip_axes == []
+    inferer = load_bundle("la", workflow, device="cpu", tta_flip=True).get_parsed_content("inferer")
+    assert inferer.flip_axes == [(0,), (1,), (2,)]

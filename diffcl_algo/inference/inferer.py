@@ -15,11 +15,15 @@ MONAI's ``SlidingWindowInferer`` does exactly that when
 MONAI's window starts are ``min(i * interval, size - roi)`` for ``i`` up to the first window reaching the border,
 the same positions. The network output is passed through softmax before averaging (``softmax=True``), so
 probabilities, not logits, are averaged as in the field.
+
+Flip test-time augmentation (``flip_axes``, off by default) averages these probabilities over the volume as given and
+flipped along each listed set of spatial axes, each flipped back (nnU-Net's mirroring). Written here because MONAI's
+``TestTimeAugmentation`` draws random transforms per case for uncertainty, not a fixed set of mirrors to average.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -72,6 +76,13 @@ class DiffCLSlidingWindowInferer(SlidingWindowInferer):
         softmax: apply softmax to the network output before averaging (True: the field's convention; the
             result is then class probabilities).
         device, sw_device: see ``monai.inferers.SlidingWindowInferer``.
+        flip_axes: test-time augmentation: sets of spatial axes (0 = the first spatial dimension), e.g.
+            ``[[0], [1], [2]]``; the output is the mean over the unflipped volume and one flipped copy per set,
+            each flipped back. Empty / None: one pass, no augmentation. Costs one sliding window per set more.
+
+    Raises:
+        ValueError: ``flip_axes`` names an axis outside the spatial dimensions, or is used with ``softmax=False``
+            (averaging logits over flips is not the mean of probabilities).
     """
 
     def __init__(
@@ -82,6 +93,7 @@ class DiffCLSlidingWindowInferer(SlidingWindowInferer):
         softmax: bool = True,
         device: Union[torch.device, str, None] = None,
         sw_device: Union[torch.device, str, None] = None,
+        flip_axes: Optional[Sequence[Sequence[int]]] = None,
     ) -> None:
         super().__init__(
             roi_size=tuple(int(p) for p in patch_size),
@@ -94,8 +106,20 @@ class DiffCLSlidingWindowInferer(SlidingWindowInferer):
             device=device,
         )
         self.softmax = softmax
+        dims = len(self.roi_size)
+        self.flip_axes = [tuple(int(a) for a in axes) for axes in (flip_axes or [])]
+        for axes in self.flip_axes:
+            if not axes or any(not 0 <= a < dims for a in axes):
+                raise ValueError(f"flip_axes: each entry must list spatial axes in [0, {dims - 1}], got {list(axes)}.")
+        if self.flip_axes and not softmax:
+            raise ValueError("flip_axes averages probabilities: it needs softmax=True.")
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``network`` over windows of ``inputs`` (B, C_in, *S) -> (B, C_out, *S) averaged outputs."""
+        """Run ``network`` over windows of ``inputs`` (B, C_in, *S) -> (B, C_out, *S) averaged outputs (and over
+        the flips of ``flip_axes``)."""
         predictor = _Softmax(network) if self.softmax else network
-        return super().__call__(inputs, predictor, *args, **kwargs)
+        out = super().__call__(inputs, predictor, *args, **kwargs)
+        for axes in self.flip_axes:
+            dims = [a + 2 for a in axes]
+            out = out + torch.flip(super().__call__(torch.flip(inputs, dims), predictor, *args, **kwargs), dims)
+        return out / (1 + len(self.flip_axes)) if self.flip_axes else out
