@@ -5,8 +5,9 @@ files' 0.625 mm voxels, segmented by the bundle's inference command without ``--
 ``bundles/la/models/model.pt``), and its mask scored against the label at full resolution::
 
     python experiments/shipped_weights.py --src ../shared/data/LA
-    python experiments/shipped_weights.py --tta_flip true --work runs/shipped_tta   # + flip test-time augmentation
+    python experiments/shipped_weights.py --tta_flip false --work runs/shipped_one_pass  # without flip TTA
     python experiments/shipped_weights.py --ckpt_path runs/x/model.pt --work runs/x_scans  # other weights, same network
+    python experiments/shipped_weights.py --split selection --work runs/sel  # the 8 selection cases: choose options
 
 Writes ``<work>/scores.json`` and prints the per-case table of ``bundles/la/docs/README.md``.
 """
@@ -43,6 +44,16 @@ def write_scan(h5_file: Path, folder: Path) -> tuple[Path, np.ndarray]:
     return scan, label
 
 
+def split_cases(listed: list[str], report: int = 16, split: str = "report") -> list[str]:
+    """Fold 0's ``report`` cases of the CPU protocol (the last ``report`` of ``train.list``) or its 8 ``selection``
+    cases (the 8 before them, ``cpu.yaml``'s ``num_val_holdout``)."""
+    if split == "report":
+        return listed[-report:]
+    if split == "selection":
+        return listed[-report - 8 : -report]
+    raise ValueError(f"split must be 'report' or 'selection', not {split!r}")
+
+
 def segment(scans: list[Path], output_dir: Path, options: dict[str, str]) -> None:
     """The README's command: ``python -m diffcl_algo run inferring --config_file ... --images [...]``, plus
     ``--<id> <value>`` for each of ``options``."""
@@ -57,24 +68,27 @@ def segment(scans: list[Path], output_dir: Path, options: dict[str, str]) -> Non
 def score(
     src: str = "../shared/data/LA",
     report: int = 16,
+    split: str = "report",
     work: str = "runs/shipped_weights",
-    keep_largest: bool = True,
-    tta_flip: bool = False,
+    keep_largest: bool | None = None,
+    tta_flip: bool | None = None,
     ckpt_path: str = "",
 ) -> None:
-    """Segment the last ``report`` cases of ``<src>/train.list`` (the CPU protocol's report split, fold 0), score
+    """Segment the last ``report`` cases of ``<src>/train.list`` (the CPU protocol's report split, fold 0), or with
+    ``split="selection"`` the 8 cases before them (fold 0's selection cases, where inference options are chosen), score
     them and write ``<work>/scores.json`` (``{"cases": {case: metrics}, "mean": metrics, "seconds": s}``);
-    ``keep_largest``: the bundle's ``keep_largest_component`` (its default, True, or False: the masks as the network
-    gives them); ``tta_flip``: the bundle's flip test-time augmentation; ``ckpt_path``: weights other than the shipped
-    ones (the bundle's network)."""
+    ``keep_largest``: the bundle's ``keep_largest_component`` (False: the masks as the network gives them);
+    ``tta_flip``: the bundle's flip test-time augmentation (each None: the bundle's default); ``ckpt_path``: weights
+    other than the shipped ones (the bundle's network)."""
     root, out = Path(src), Path(work)
     (out / "scans").mkdir(parents=True, exist_ok=True)
-    cases = read_case_list(root / "train.list")[-report:]
+    cases = split_cases(read_case_list(root / "train.list"), report, split)
     labels, scans = {}, []
     for case in cases:
         scan, labels[case] = write_scan(root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5", out / "scans")
         scans.append(scan)
-    options = {"keep_largest_component": str(as_bool(keep_largest)).lower(), "tta_flip": str(as_bool(tta_flip)).lower()}
+    given = {"keep_largest_component": keep_largest, "tta_flip": tta_flip}
+    options = {k: str(as_bool(v)).lower() for k, v in given.items() if v is not None}
     if ckpt_path:
         options["ckpt_path"] = str(Path(ckpt_path).resolve())
     start = time.perf_counter()

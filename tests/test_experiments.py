@@ -163,3 +163,14 @@ def test_curve_puts_the_room_beside_the_budget(la_copy, tmp_path):
     assert all(float(m) >= 0 for m in cells[2].split(", "))
     with pytest.raises(ValueError, match="no scored run at 8"):
         la_cpu.curve("i2", low=8, high=4, root=str(tmp_path))
+
+
+def test_shipped_weights_scores_the_report_or_the_selection_cases():
+    """``shipped_weights.py --split``: fold 0's report cases (the last 16) or the 8 selection cases before them, the
+    blocks of ``cpu.yaml``'s split, never overlapping."""
+    split_cases = _load("shipped_weights").split_cases
+    listed = [f"case{i:02d}" for i in range(80)]
+    report, selection = split_cases(listed), split_cases(listed, split="selection")
+    assert report == listed[64:] and selection == listed[56:64]
+    with pytest.raises(ValueError, match="split"):
+        split_cases(listed, split="test")

@@ -116,7 +116,7 @@ def test_evaluation_keeps_the_largest_component_when_asked(tmp_path, keep_larges
     assert int(mask.sum()) == (100 if keep_largest else 108)
 
 
-def test_the_la_bundle_keeps_the_largest_component_and_the_graph_does_not():
+def test_the_la_bundle_keeps_the_largest_component_and_flips_and_the_graph_and_protocol_do_not():
     from monai.bundle import ConfigParser
 
     from diffcl_algo.bundle.compose import CONFIG_DIR
@@ -124,8 +124,11 @@ def test_the_la_bundle_keeps_the_largest_component_and_the_graph_does_not():
     bundles = Path(__file__).resolve().parents[1] / "bundles"
     for workflow in ("evaluate", "inference"):
         la = ConfigParser.load_config_file(str(bundles / "la" / "configs" / f"{workflow}.yaml"))
-        assert la["keep_largest_component"] is True
-    assert ConfigParser.load_config_file(str(CONFIG_DIR / "evaluate.yaml"))["keep_largest_component"] is False
+        assert la["keep_largest_component"] is True and la["tta_flip"] is True
+    graph = ConfigParser.load_config_file(str(CONFIG_DIR / "evaluate.yaml"))
+    assert graph["keep_largest_component"] is False and graph["tta_flip"] is False
+    cpu = ConfigParser.load_config_file(str(bundles / "la" / "configs" / "cpu.yaml"))  # the protocol: one plain pass
+    assert cpu["keep_largest_component"] is False and cpu["tta_flip"] is False
 
 
 def test_flip_tta_averages_the_flipped_passes():
@@ -156,9 +159,10 @@ def test_flip_tta_averages_the_flipped_passes():
 
 @pytest.mark.parametrize("workflow", ["evaluate", "inference"])
 def test_tta_flip_option_reaches_the_inferer(workflow):
-    """``--tta_flip true`` in evaluation and inference: the inferer averages the three single-axis flips."""
+    """``tta_flip`` in evaluation and inference: the inferer averages the three single-axis flips (LA's default) or
+    runs one pass (``--tta_flip false``, the other bundles' default)."""
     from diffcl_algo.bundle.run import load_bundle
 
-    assert load_bundle("la", workflow, device="cpu").get_parsed_content("inferer").flip_axes == []
-    inferer = load_bundle("la", workflow, device="cpu", tta_flip=True).get_parsed_content("inferer")
-    assert inferer.flip_axes == [(0,), (1,), (2,)]
+    assert load_bundle("la", workflow, device="cpu").get_parsed_content("inferer").flip_axes == [(0,), (1,), (2,)]
+    assert load_bundle("la", workflow, device="cpu", tta_flip=False).get_parsed_content("inferer").flip_axes == []
+    assert load_bundle("brats", workflow, device="cpu").get_parsed_content("inferer").flip_axes == []

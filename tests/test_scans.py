@@ -238,3 +238,23 @@ def test_monailabel_path_uses_the_bundle_graph(scans, tmp_path):
     np.testing.assert_allclose(out.affine.numpy(), nib.load(scans["flipped"]).affine, atol=1e-5)
     np.testing.assert_array_equal(out[0].numpy() > 0, _expected_mask(scans["flipped"]))
     assert not (tmp_path / "unused").exists()
+
+
+def test_predict_volume_takes_the_bundles_flip_tta_and_largest_component(scans, tmp_path):
+    """``flip_axes`` and ``keep_largest`` of a file's prediction (the bundles' ``tta_flip`` and
+    ``keep_largest_component``): a pointwise net is flip-equivariant, so the flips leave its mask as it is; with the
+    largest component an island apart from the structure leaves the mask and the structure stays whole."""
+    net = torch.nn.Conv3d(1, 2, 1)
+    net.load_state_dict(torch.load(_threshold_net(tmp_path)))
+    options = {"return_label": True, "model_spacing": [SPACING] * 3}
+    plain = predict_volume(net, scans["raw"], PATCH, STRIDES, **options)
+    flipped = predict_volume(net, scans["raw"], PATCH, STRIDES, flip_axes=[[0], [1], [2]], **options)
+    assert 0 < plain.sum() < plain.numel()
+    np.testing.assert_array_equal(flipped.numpy(), plain.numpy())
+    x = np.full(SHAPE, -1.0, np.float32)
+    x[2:10, 2:10, 2:8] = 3.0  # the structure: 8x8x6 voxels
+    x[20:23, 20:23, 12:14] = 3.0  # an island: 3x3x2 voxels
+    nib.save(nib.Nifti1Image(x, _affine()), tmp_path / "island.nii.gz")
+    for keep_largest, voxels in ((0, 8 * 8 * 6 + 3 * 3 * 2), (2, 8 * 8 * 6)):
+        mask = predict_volume(net, tmp_path / "island.nii.gz", PATCH, STRIDES, keep_largest=keep_largest, **options)
+        assert int(mask[0, 0, 2:10, 2:10, 2:8].sum()) == 8 * 8 * 6 and int(mask.sum()) == voxels

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ def predict_volume(
     sw_batch_size: int = 1,
     device: Union[torch.device, str, None] = None,
     return_label: bool = False,
+    flip_axes: Optional[Sequence[Sequence[int]]] = None,
     **scan_options: Any,
 ) -> torch.Tensor:
     """CS-only sliding-window prediction of whole volumes (the field's ``test_single_case``).
@@ -43,8 +44,10 @@ def predict_volume(
         sw_batch_size: windows per forward pass.
         device: where the network runs (default: the network's device).
         return_label: return the argmax label map instead of the probabilities.
+        flip_axes: flip test-time augmentation of the inferer (the bundles' ``tta_flip``: ``[[0], [1], [2]]``).
         scan_options: for a file: keyword arguments of :func:`~diffcl_algo.inference.chains.scan_preprocessing`
-            (``model_spacing``, ``orientation``, ``roi``, ``normalize``, ``scan_norm``, ``spacing``).
+            (``model_spacing``, ``orientation``, ``roi``, ``normalize``, ``scan_norm``, ``spacing``) and
+            ``keep_largest`` (:func:`predict_scan`).
 
     Returns:
         (B, C, *S) averaged softmax probabilities (float32), or (B, 1, *S) long labels if ``return_label``
@@ -52,7 +55,7 @@ def predict_volume(
     """
     if isinstance(image, (str, os.PathLike)):
         out = predict_scan(
-            net, image, patch_size, strides, None, sw_batch_size, device, return_label=return_label, **scan_options
+            net, image, patch_size, strides, None, sw_batch_size, device, return_label, flip_axes, **scan_options
         )
         return out[None]
     x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).float()
@@ -61,7 +64,7 @@ def predict_volume(
     if device is None:
         device = next(net.parameters()).device
     net.eval()
-    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size)
+    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size, flip_axes=flip_axes)
     probs = inferer(x.to(device), net)
     probs = torch.as_tensor(probs).float()
     return probs.argmax(dim=1, keepdim=True) if return_label else probs
@@ -77,6 +80,8 @@ def predict_scan(
     sw_batch_size: int = 1,
     device: Union[torch.device, str, None] = None,
     return_label: bool = True,
+    flip_axes: Optional[Sequence[Sequence[int]]] = None,
+    keep_largest: int = 0,
     **preprocessing: Any,
 ) -> MetaTensor:
     """Segment one scan file with the bundle's inference chain; the mask is on the file's own grid.
@@ -89,6 +94,9 @@ def predict_scan(
         output_dir: also write ``<output_dir>/<case>.nii.gz``.
         device: where the network runs (default: the network's device).
         return_label: return the label map; False: the class probabilities (nothing is written then).
+        flip_axes: flip test-time augmentation of the inferer (the bundles' ``tta_flip``: ``[[0], [1], [2]]``).
+        keep_largest: 0, or the number of classes: keep the largest connected component of each foreground class of
+            the label map (the bundles' ``keep_largest_component``).
         preprocessing: keyword arguments of :func:`~diffcl_algo.inference.chains.scan_preprocessing`
             (``model_spacing``, ``orientation``, ``roi``, ``normalize``, ``spacing``, ``scan_norm``).
 
@@ -100,8 +108,10 @@ def predict_scan(
     item = pre({"image": str(path)})
     device = device if device is not None else next(net.parameters()).device
     net.eval()
-    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size)
+    inferer = DiffCLSlidingWindowInferer(patch_size, strides, sw_batch_size=sw_batch_size, flip_axes=flip_axes)
     image = item["image"]
     item["pred"] = inferer(image[None].to(device), net)[0].cpu()  # Invertd reads the geometry from item["image"]
-    post = scan_postprocessing(pre, output_dir if return_label else None, argmax=return_label)
+    post = scan_postprocessing(
+        pre, output_dir if return_label else None, argmax=return_label, keep_largest=keep_largest
+    )
     return post(item)["pred"]
