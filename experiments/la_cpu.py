@@ -127,14 +127,22 @@ def run(
     fold: int = 0,
     ds_eval_steps: int = 0,
     monitor: bool = False,
+    resume: bool = False,
 ) -> None:
     """Train one row and score its last and selected weights on the report split (``summary.json``); with
     ``ds_eval_steps`` also the DS's last weights alone (``ds_last``: DDIM from pure noise, that many steps); with
-    ``monitor`` the training logs its pseudo-labels' Dice against the hidden labels (``experiments/monitor.yaml``)."""
+    ``monitor`` the training logs its pseudo-labels' Dice against the hidden labels (``experiments/monitor.yaml``);
+    with ``resume`` a scored run is left as it is and an interrupted one continues from its ``train_state.pt`` (the
+    bundle's exact resume; ``train.out`` then logs the continuation only)."""
     extra = _parse_set(set)
     run_dir = REPO / root / (name or row) / run_folder(num_labeled, seed, fold)
+    if resume and (run_dir / "summary.json").exists():
+        print(f"{run_dir / 'summary.json'} exists: nothing to resume")
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     common = _common(num_labeled, seed, fold, extra)
+    if resume and row in ROWS and (run_dir / "train_state.pt").exists():
+        common["resume"] = "true"
     weights, evaluate = {}, EVALUATE
     if row == "reference":
         weights["last"] = Path(train_reference(TRAIN, str(run_dir), overrides=common))

@@ -174,3 +174,21 @@ def test_shipped_weights_scores_the_report_or_the_selection_cases():
     assert report == listed[64:] and selection == listed[56:64]
     with pytest.raises(ValueError, match="split"):
         split_cases(listed, split="test")
+
+
+def test_resume_continues_an_interrupted_run_and_leaves_a_scored_one(la_copy, tmp_path):
+    """``run --resume``: a run whose training stopped (here: the budget raised after it) continues from its
+    ``train_state.pt`` instead of starting over; a run with a ``summary.json`` is not touched."""
+    la_cpu = _load("la_cpu")
+    toy = f"dataset_dir={la_copy} ckpt_interval=1 val_interval=1"
+    la_cpu.run("sup", num_labeled=4, seed=0, set=f"{toy} max_iterations=2", root=str(tmp_path))
+    run_dir = tmp_path / "sup" / "l4_s0"
+    (run_dir / "summary.json").unlink()  # as if it had stopped before its scores
+    la_cpu.run("sup", num_labeled=4, seed=0, set=f"{toy} max_iterations=3", root=str(tmp_path), resume=True)
+    state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    log = (run_dir / "train.out").read_text()
+    assert f"Resumed from {run_dir / 'train_state.pt'} at iteration 2" in log
+    assert int(state["iteration"]) == 3 and (run_dir / "summary.json").exists()
+    before = (run_dir / "summary.json").stat().st_mtime_ns
+    la_cpu.run("sup", num_labeled=4, seed=0, set=f"{toy} max_iterations=4", root=str(tmp_path), resume=True)
+    assert (run_dir / "summary.json").stat().st_mtime_ns == before
