@@ -256,7 +256,7 @@ def _expected_probs(net: torch.nn.Module, path: Path) -> torch.Tensor:
     p = _la_config()
     scan_options = {key: p[key] for key in ("model_spacing", "orientation", "roi", "spacing", "scan_norm")}
     scan_options["normalize"] = as_bool(p["normalize_intensity"])
-    flips = [[0], [1], [2]] if as_bool(p["tta_flip"]) else None
+    flips = p.get_parsed_content("inferer").flip_axes  # the bundle's own (tta_flip)
     return predict_volume(net, path, p["patch_size"], p["strides"], flip_axes=flips, **scan_options)[0]
 
 

@@ -25,6 +25,7 @@ from diffcl_algo.bundle.run import load_bundle, run_workflow
 from diffcl_algo.convert import make_synthetic_dataset
 from diffcl_algo.data import ScanNormalized
 from diffcl_algo.inference.chains import check_roi, scan_preprocessing
+from diffcl_algo.inference.inferer import DiffCLSlidingWindowInferer
 from diffcl_algo.inference.predict import predict_volume
 
 SHAPE = (40, 36, 20)
@@ -242,19 +243,27 @@ def test_monailabel_path_uses_the_bundle_graph(scans, tmp_path):
 
 def test_predict_volume_takes_the_bundles_flip_tta_and_largest_component(scans, tmp_path):
     """``flip_axes`` and ``keep_largest`` of a file's prediction (the bundles' ``tta_flip`` and
-    ``keep_largest_component``): a pointwise net is flip-equivariant, so the flips leave its mask as it is; with the
-    largest component an island apart from the structure leaves the mask and the structure stays whole."""
+    ``keep_largest_component``): the flips reach the inferer (a net that is not flip-equivariant gives other
+    probabilities, those of the inferer with the same flips for an array); with the largest component an island apart
+    from the structure leaves the mask and the structure stays whole."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)  # a 3x3x3 kernel of random weights: not flip-equivariant
+    flips = [[0], [1], [2]]
+    plain = predict_volume(conv, scans["raw"], PATCH, STRIDES, model_spacing=[SPACING] * 3)
+    flipped = predict_volume(conv, scans["raw"], PATCH, STRIDES, flip_axes=flips, model_spacing=[SPACING] * 3)
+    assert plain.shape == flipped.shape and not torch.allclose(plain, flipped, atol=1e-3)
+    array = torch.randn(1, 1, *SHAPE)
+    with torch.no_grad():
+        reference = DiffCLSlidingWindowInferer(PATCH, STRIDES, flip_axes=flips)(array, conv.eval())
+    torch.testing.assert_close(predict_volume(conv, array, PATCH, STRIDES, flip_axes=flips), reference)
+
     net = torch.nn.Conv3d(1, 2, 1)
     net.load_state_dict(torch.load(_threshold_net(tmp_path)))
-    options = {"return_label": True, "model_spacing": [SPACING] * 3}
-    plain = predict_volume(net, scans["raw"], PATCH, STRIDES, **options)
-    flipped = predict_volume(net, scans["raw"], PATCH, STRIDES, flip_axes=[[0], [1], [2]], **options)
-    assert 0 < plain.sum() < plain.numel()
-    np.testing.assert_array_equal(flipped.numpy(), plain.numpy())
     x = np.full(SHAPE, -1.0, np.float32)
     x[2:10, 2:10, 2:8] = 3.0  # the structure: 8x8x6 voxels
     x[20:23, 20:23, 12:14] = 3.0  # an island: 3x3x2 voxels
     nib.save(nib.Nifti1Image(x, _affine()), tmp_path / "island.nii.gz")
     for keep_largest, voxels in ((0, 8 * 8 * 6 + 3 * 3 * 2), (2, 8 * 8 * 6)):
-        mask = predict_volume(net, tmp_path / "island.nii.gz", PATCH, STRIDES, keep_largest=keep_largest, **options)
+        mask = predict_volume(net, tmp_path / "island.nii.gz", PATCH, STRIDES, return_label=True,
+                              model_spacing=[SPACING] * 3, keep_largest=keep_largest)  # fmt: skip
         assert int(mask[0, 0, 2:10, 2:10, 2:8].sum()) == 8 * 8 * 6 and int(mask.sum()) == voxels
