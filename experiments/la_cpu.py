@@ -234,36 +234,43 @@ def cases(rows: str, num_labeled: int = 8, seed: int = 0, weights: str = "last",
 
 
 def _by_seed(
-    name: str, num_labeled: int, weights: str, root: str, metric: str = "dice"
+    name: str, num_labeled: int, weights: str, root: str, metric: str = "dice", folds: str = ""
 ) -> dict[int, dict[str, float]]:
-    """``{seed: {case: value}}`` of a result folder, every fold of a seed pooled (a case is reported in one fold)."""
+    """``{seed: {case: value}}`` of a result folder, every fold of a seed pooled (a case is reported in one fold), or
+    only the report folds named in ``folds`` (space-separated)."""
     out: dict[int, dict[str, float]] = {}
+    keep = {int(k) for k in str(folds).split()}
     for path in sorted((REPO / root / name).glob(f"l{num_labeled}_s*/summary.json")):
         summary = json.loads(path.read_text())
-        if weights in summary:
+        if weights in summary and (not keep or int(summary.get("fold", 0)) in keep):
             cases = {c: v[metric] for c, v in summary[weights]["cases"].items()}
             out.setdefault(int(summary["seed"]), {}).update(cases)
     return out
 
 
 def compare(
-    a: str, b: str = "sup_avg sup", num_labeled: int = 8, weights: str = "last", root: str = "runs/cpu"
+    a: str,
+    b: str = "sup_avg sup",
+    num_labeled: int = 8,
+    weights: str = "last",
+    root: str = "runs/cpu",
+    folds: str = "",
 ) -> str:
     """Paired comparison of row ``a`` with each row of ``b`` (space-separated; by default both supervised-only rows:
     with the same weight average as Diff-CL, the fair baseline, and the classic one), on the cases and seeds both
-    have (every fold pooled).
+    have (every fold pooled, or the report folds named in ``folds``, e.g. ``--folds "0 1"``).
 
     Per seed: the mean Dice over the shared cases (mean +- sample std over seeds, and the difference per seed); per
     case: the difference ``a - b`` averaged over seeds: cases better / worse / equal, the mean and median difference
     and the two-sided Wilcoxon signed-rank test of those differences (scipy).
     """
-    return "\n\n".join(_compare(a, row, num_labeled, weights, root) for row in str(b).split())
+    return "\n\n".join(_compare(a, row, num_labeled, weights, root, folds) for row in str(b).split())
 
 
-def _compare(a: str, b: str, num_labeled: int, weights: str, root: str) -> str:
+def _compare(a: str, b: str, num_labeled: int, weights: str, root: str, folds: str = "") -> str:
     from scipy.stats import wilcoxon
 
-    da, db = _by_seed(a, num_labeled, weights, root), _by_seed(b, num_labeled, weights, root)
+    da, db = (_by_seed(r, num_labeled, weights, root, folds=folds) for r in (a, b))
     seeds = sorted(set(da) & set(db))
     if not seeds:
         raise ValueError(f"{a} and {b} share no seed at {num_labeled} labeled cases under {root}")

@@ -120,6 +120,8 @@ def test_compare_pairs_cases_over_seeds_and_folds(tmp_path):
     text = la_cpu.compare("a", "b", num_labeled=4, root=str(tmp_path))
     assert "4 cases x 2 seeds" in text and "| a | 0.650 ± 0.000 |" in text and "| b | 0.575 ± 0.000 |" in text
     assert "a better on 3, worse on 0, equal on 1" in text and "Wilcoxon" in text
+    fold1 = la_cpu.compare("a", "b", num_labeled=4, root=str(tmp_path), folds="1")  # c3 +0.1, c4 equal
+    assert "2 cases x 2 seeds" in fold1 and "difference per seed: +0.050, +0.050" in fold1
     table = la_cpu.table(rows="a", root=str(tmp_path))
     assert "| a | 4 | last | 2 | 4/4 | 0.650 ± 0.000 |" in table  # each seed: its two folds pooled
     with pytest.raises(ValueError, match="share no seed"):
